@@ -1,0 +1,18 @@
+"""din_ops: fused PyTorch operators for the Deep Interest Network (Zhou et al., KDD 2018).
+
+- :func:`attention_pooling`: the local activation unit + weighted sum pooling (padded or jagged).
+- :func:`dice`: Dice with statistics over valid positions only.
+- :func:`mba_sparse_update_`, :func:`mba_penalty`, :func:`count_frequencies`: mini-batch aware
+  regularization of embedding tables.
+"""
+from ._library import backend, get_backend, set_backend
+from .ops.attention_pooling import attention_pooling
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention_pooling",
+    "backend",
+    "get_backend",
+    "set_backend",
+]

@@ -1,0 +1,153 @@
+"""Loads the C++ extension (which registers the ``din_ops::*`` schemas and CPU kernels) and
+holds what every op module shares: the backend switch and the input checks common to all ops.
+
+Backends. CPU tensors run the C++ kernels; CUDA tensors run the Triton kernels. The Triton
+kernels can also run on CPU tensors under ``TRITON_INTERPRET=1`` (set before din_ops is
+imported): ``with din_ops.backend("triton"):`` sends CPU tensors through the Triton launchers,
+which is how CI tests the GPU code on a machine without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Callable, Dict, Optional
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library: registers the schemas and CPU kernels)
+
+NAMESPACE = "din_ops"
+
+# op name -> Triton implementation (a Python function with the op's signature)
+_triton_impls: Dict[str, Callable] = {}
+_cpu_override: Optional[torch.library.Library] = None
+_backend = "cpp"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - triton is a dependency, but keep CPU use working
+        return False
+    return True
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def register_triton(name: str):
+    """Decorator: ``fn`` implements ``din_ops::<name>`` with Triton; it serves CUDA tensors."""
+
+    def deco(fn):
+        _triton_impls[name] = fn
+        torch.library.register_kernel(f"{NAMESPACE}::{name}", "cuda", fn)
+        return fn
+
+    return deco
+
+
+def _load_triton():
+    from . import triton as _triton_pkg  # noqa: F401  (registers the Triton kernels)
+
+
+def set_backend(name: str) -> None:
+    """``"cpp"`` (default): CPU tensors run the C++ kernels. ``"triton"``: CPU tensors run the
+    Triton kernels under the interpreter (needs ``TRITON_INTERPRET=1`` before import)."""
+    global _cpu_override, _backend
+    if name not in ("cpp", "triton"):
+        raise ValueError(f"backend must be 'cpp' or 'triton', got {name!r}")
+    if _cpu_override is not None:
+        _cpu_override._destroy()
+        _cpu_override = None
+    if name == "triton":
+        if not triton_interpret():
+            raise RuntimeError(
+                "backend('triton') on CPU tensors needs TRITON_INTERPRET=1 in the environment "
+                "before din_ops is imported")
+        _load_triton()
+        lib = torch.library.Library(NAMESPACE, "IMPL")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+            for op, fn in _triton_impls.items():
+                lib.impl(op, fn, "CPU", allow_override=True)
+        _cpu_override = lib
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Context manager form of :func:`set_backend`."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+# --- input checks shared by the ops ------------------------------------------------------------
+def _checking_values() -> bool:
+    """Value checks read tensor data: skip them while tracing (fake tensors hold no data)."""
+    if torch.compiler.is_compiling():
+        return False
+    return True
+
+
+def check_tensor(t, name: str, *, dims=None, dtype=None, device=None, floating=False):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dims is not None and t.dim() not in ((dims,) if isinstance(dims, int) else dims):
+        raise ValueError(f"{name} must have {dims} dimension(s), got shape {tuple(t.shape)}")
+    if floating and t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype} (like the other inputs), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+
+
+def check_lengths(lengths, B: int, T: int, device, name: str = "lengths"):
+    """``lengths [B]`` int32/int64 with ``0 <= lengths[b] <= T``."""
+    check_tensor(lengths, name, dims=1, device=device)
+    if lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 or int64, got {lengths.dtype}")
+    if lengths.shape[0] != B:
+        raise ValueError(f"{name} must have shape [{B}] (one length per row), got {tuple(lengths.shape)}")
+    if _checking_values() and B > 0:
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 0:
+            raise ValueError(f"{name} must be non-negative, got a minimum of {lo}")
+        if hi > T:
+            raise ValueError(f"{name} must not exceed the padded length T={T}, got a maximum of {hi}")
+
+
+def check_offsets(offsets, B: int, N: int, device, name: str = "offsets"):
+    """``offsets [B+1]`` int64, starting at 0, non-decreasing, ending at N."""
+    check_tensor(offsets, name, dims=1, device=device)
+    if offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int64 (or int32), got {offsets.dtype}")
+    if B is not None and offsets.shape[0] != B + 1:
+        raise ValueError(f"{name} must have shape [{B + 1}] (B + 1 entries), got {tuple(offsets.shape)}")
+    if offsets.shape[0] == 0:
+        raise ValueError(f"{name} must have at least one entry (offsets[0] == 0)")
+    if _checking_values():
+        first, last = int(offsets[0]), int(offsets[-1])
+        if first != 0:
+            raise ValueError(f"{name}[0] must be 0, got {first}")
+        if last != N:
+            raise ValueError(f"{name}[-1] must equal the number of values N={N}, got {last}")
+        if offsets.shape[0] > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError(f"{name} must be non-decreasing")
+
+
+def check_index_range(indices, num: int, name: str = "indices"):
+    if _checking_values() and indices.numel() > 0:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= num:
+            raise ValueError(f"{name} must lie in [0, {num}), got values in [{lo}, {hi}]")

@@ -1,0 +1,341 @@
+"""SPEC section 1: the fused local activation unit + weighted sum pooling.
+
+The op ``din_ops::attention_pooling`` (schema in csrc/din_ops.cpp) computes, per row b and
+candidate c, scores ``s_t = scale * MLP([q, k_t, q - k_t, q * k_t])`` over the valid positions
+and ``out = sum_t w_t k_t`` with ``w = s`` or ``softmax(s)``. Kernels: csrc/cpu/attention_pooling.cpp
+(CPU) and din_ops/triton/attention_pooling.py (CUDA). This module holds the input checks, the
+fake kernels, the autograd formulas and the public function.
+
+Dice inside the unit (``activation="dice"``) in training needs batch statistics of each hidden
+layer's pre-activation over the valid positions. ``din_ops::attention_pooling_stats`` computes
+them layer by layer (each pass recomputes the MLP below the layer, nothing ``[N, H]`` is stored),
+and its own backward carries the gradient through the statistics, so the composition is exact.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from .. import _library as lib
+
+ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice", "identity")
+NORMALIZATIONS = ("none", "softmax")
+_ops = torch.ops.din_ops
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_attention_pooling_args(query, keys, lengths, offsets, weights, biases, act_weights,
+                                 norm_mean, norm_var, norm_weight, norm_bias, activation,
+                                 normalization, stats_layer: Optional[int] = None):
+    """Validates every argument of the op (shapes, dtypes, devices, values) and names the bad one.
+
+    ``stats_layer`` is set for ``attention_pooling_stats``: then ``weights`` holds hidden layers
+    0..stats_layer and no output layer. Returns ``(B, C, D, T_or_N, jagged)``.
+    """
+    lib.check_tensor(query, "query", dims=(2, 3), floating=True)
+    dtype, device = query.dtype, query.device
+    B, D = query.shape[0], query.shape[-1]
+    C = query.shape[1] if query.dim() == 3 else 1
+    lib.check_tensor(keys, "keys", dims=(2, 3), dtype=dtype, device=device)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if keys.dim() == 3:
+        if offsets is not None:
+            raise ValueError("offsets is for jagged keys [N, D]; padded keys [B, T, D] take lengths")
+        if keys.shape[0] != B or keys.shape[2] != D:
+            raise ValueError(
+                f"keys must have shape [B, T, D] = [{B}, T, {D}] to match query {tuple(query.shape)}, "
+                f"got {tuple(keys.shape)}")
+        T = keys.shape[1]
+        if lengths is not None:
+            lib.check_lengths(lengths, B, T, device)
+        jagged = False
+    else:
+        if offsets is None:
+            raise ValueError("jagged keys [N, D] need offsets [B + 1] (or pass padded keys [B, T, D])")
+        if lengths is not None:
+            raise ValueError("lengths is for padded keys [B, T, D]; jagged keys [N, D] take offsets")
+        if keys.shape[1] != D:
+            raise ValueError(f"keys must have shape [N, {D}] to match query {tuple(query.shape)}, "
+                             f"got {tuple(keys.shape)}")
+        T = keys.shape[0]
+        lib.check_offsets(offsets, B, T, device)
+        jagged = True
+
+    if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
+        raise TypeError("weights and biases must be lists of tensors (nn.Linear layout)")
+    if len(weights) != len(biases):
+        raise ValueError(f"weights and biases must have the same length, got {len(weights)} and {len(biases)}")
+    n_layers = len(weights)
+    if n_layers == 0:
+        raise ValueError("weights must hold at least the output layer [1, H]")
+    n_hidden = n_layers if stats_layer is not None else n_layers - 1
+    if n_hidden > 8:
+        raise ValueError(f"at most 8 hidden layers are supported, got {n_hidden}")
+    fan_in = 4 * D
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        lib.check_tensor(w, f"weights[{i}]", dims=2, dtype=dtype, device=device)
+        lib.check_tensor(b, f"biases[{i}]", dims=1, dtype=dtype, device=device)
+        out_f = w.shape[0]
+        if w.shape[1] != fan_in:
+            raise ValueError(f"weights[{i}] must have shape [H, {fan_in}] (its input width), got {tuple(w.shape)}")
+        if i == n_layers - 1 and stats_layer is None and out_f != 1:
+            raise ValueError(f"weights[{i}] is the output layer and must have shape [1, {fan_in}], got {tuple(w.shape)}")
+        if out_f == 0:
+            raise ValueError(f"weights[{i}] must have at least one output unit")
+        if b.shape[0] != out_f:
+            raise ValueError(f"biases[{i}] must have shape [{out_f}], got {tuple(b.shape)}")
+        fan_in = out_f
+
+    hidden = [w.shape[0] for w in weights[:n_hidden]]
+    if activation in ("prelu", "dice"):
+        if len(act_weights) != n_hidden:
+            raise ValueError(f"{activation} needs one alpha per hidden layer ({n_hidden}), got {len(act_weights)}")
+        for i, a in enumerate(act_weights):
+            lib.check_tensor(a, f"{activation} alpha[{i}]", dims=1, dtype=dtype, device=device)
+            if a.shape[0] not in ((1, hidden[i]) if activation == "prelu" else (hidden[i],)):
+                raise ValueError(f"{activation} alpha[{i}] must have shape [{hidden[i]}], got {tuple(a.shape)}")
+    elif len(act_weights):
+        raise ValueError(f"activation {activation!r} takes no alpha parameters")
+    n_norm = len(norm_mean)
+    if activation == "dice":
+        expected = stats_layer if stats_layer is not None else n_hidden
+        if n_norm != expected or len(norm_var) != expected:
+            raise ValueError(f"dice needs a mean and a variance per hidden layer ({expected}), "
+                             f"got {n_norm} and {len(norm_var)}")
+        acc = _acc_dtype(dtype)
+        for name, group in (("dice mean", norm_mean), ("dice var", norm_var)):
+            for i, t in enumerate(group):
+                lib.check_tensor(t, f"{name}[{i}]", dims=1, dtype=acc, device=device)
+                if t.shape[0] != hidden[i]:
+                    raise ValueError(f"{name}[{i}] must have shape [{hidden[i]}], got {tuple(t.shape)}")
+        for name, group in (("dice gamma", norm_weight), ("dice beta", norm_bias)):
+            if len(group) not in (0, expected):
+                raise ValueError(f"{name} must be empty or hold one tensor per hidden layer ({expected})")
+            for i, t in enumerate(group):
+                lib.check_tensor(t, f"{name}[{i}]", dims=1, dtype=dtype, device=device)
+                if t.shape[0] != hidden[i]:
+                    raise ValueError(f"{name}[{i}] must have shape [{hidden[i]}], got {tuple(t.shape)}")
+    elif n_norm or len(norm_var) or len(norm_weight) or len(norm_bias):
+        raise ValueError(f"activation {activation!r} takes no dice statistics")
+    return B, C, D, T, jagged
+
+
+# --- fake kernels ----------------------------------------------------------------------------
+def _attn_shape(query, keys, jagged):
+    B = query.shape[0]
+    if query.dim() == 2:
+        return (keys.shape[0],) if jagged else (B, keys.shape[1])
+    C = query.shape[1]
+    return (keys.shape[0], C) if jagged else (B, C, keys.shape[1])
+
+
+@torch.library.register_fake("din_ops::attention_pooling")
+def _attention_pooling_fake(query, keys, lengths, offsets, weights, biases, act_weights, norm_mean,
+                            norm_var, norm_weight, norm_bias, activation, normalization, scale, eps):
+    jagged = keys.dim() == 2
+    return query.new_empty(query.shape), query.new_empty(_attn_shape(query, keys, jagged))
+
+
+def _like(ts):
+    return [torch.empty_like(t) for t in ts]
+
+
+@torch.library.register_fake("din_ops::attention_pooling_backward")
+def _attention_pooling_backward_fake(grad_out, grad_attn, attn, query, keys, lengths, offsets, weights,
+                                     biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias,
+                                     activation, normalization, scale, eps):
+    return (torch.empty_like(query), torch.empty_like(keys), _like(weights), _like(biases),
+            _like(act_weights), _like(norm_mean), _like(norm_var), _like(norm_weight), _like(norm_bias))
+
+
+@torch.library.register_fake("din_ops::attention_pooling_stats")
+def _attention_pooling_stats_fake(query, keys, lengths, offsets, weights, biases, act_weights, norm_mean,
+                                  norm_var, norm_weight, norm_bias, activation, eps):
+    H = weights[-1].shape[0]
+    acc = _acc_dtype(query.dtype)
+    return query.new_empty((H,), dtype=acc), query.new_empty((H,), dtype=acc)
+
+
+@torch.library.register_fake("din_ops::attention_pooling_stats_backward")
+def _attention_pooling_stats_backward_fake(grad_mean, grad_var, mean, query, keys, lengths, offsets,
+                                           weights, biases, act_weights, norm_mean, norm_var,
+                                           norm_weight, norm_bias, activation, eps):
+    return (torch.empty_like(query), torch.empty_like(keys), _like(weights), _like(biases),
+            _like(act_weights), _like(norm_mean), _like(norm_var), _like(norm_weight), _like(norm_bias))
+
+
+# --- autograd --------------------------------------------------------------------------------
+_LISTS = ("weights", "biases", "act_weights", "norm_mean", "norm_var", "norm_weight", "norm_bias")
+
+
+def _setup_pooling(ctx, inputs, output):
+    (query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var, norm_weight,
+     norm_bias, activation, normalization, scale, eps) = inputs
+    ctx.save_for_backward(query, keys, output[1])
+    ctx.rows = (lengths, offsets)
+    ctx.lists = (weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias)
+    ctx.opts = (activation, normalization, scale, eps)
+
+
+def _backward_pooling(ctx, grad_out, grad_attn):
+    query, keys, attn = ctx.saved_tensors
+    lengths, offsets = ctx.rows
+    activation, normalization, scale, eps = ctx.opts
+    if grad_out is None:
+        grad_out = torch.zeros_like(query)
+    grads = _ops.attention_pooling_backward(
+        grad_out.contiguous(), None if grad_attn is None else grad_attn.contiguous(), attn, query, keys,
+        lengths, offsets, *ctx.lists, activation, normalization, scale, eps)
+    gq, gk = grads[0], grads[1]
+    return (gq, gk, None, None, *grads[2:], None, None, None, None)
+
+
+torch.library.register_autograd("din_ops::attention_pooling", _backward_pooling, setup_context=_setup_pooling)
+
+
+def _setup_stats(ctx, inputs, output):
+    (query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var, norm_weight,
+     norm_bias, activation, eps) = inputs
+    ctx.save_for_backward(query, keys, output[0])
+    ctx.rows = (lengths, offsets)
+    ctx.lists = (weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias)
+    ctx.opts = (activation, eps)
+
+
+def _backward_stats(ctx, grad_mean, grad_var):
+    query, keys, mean = ctx.saved_tensors
+    lengths, offsets = ctx.rows
+    activation, eps = ctx.opts
+    grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean.contiguous()
+    grad_var = torch.zeros_like(mean) if grad_var is None else grad_var.contiguous()
+    grads = _ops.attention_pooling_stats_backward(
+        grad_mean, grad_var, mean, query, keys, lengths, offsets, *ctx.lists, activation, eps)
+    return (grads[0], grads[1], None, None, *grads[2:], None, None)
+
+
+torch.library.register_autograd("din_ops::attention_pooling_stats", _backward_stats, setup_context=_setup_stats)
+
+
+# --- public function ---------------------------------------------------------------------------
+def _valid_count(keys, lengths, C):
+    if keys.dim() == 2:
+        n = keys.shape[0]
+        return torch.tensor(float(n * C), device=keys.device)
+    if lengths is None:
+        return torch.tensor(float(keys.shape[0] * keys.shape[1] * C), device=keys.device)
+    return lengths.sum().to(torch.float64) * C
+
+
+def _update_running_stats(running_mean, running_var, mean, var, n, momentum):
+    """BatchNorm1d's update with the unbiased variance; nothing changes for an empty batch."""
+    with torch.no_grad():
+        n = n.to(mean.dtype)
+        unbiased = var * torch.where(n > 1, n / (n - 1).clamp_min(1), torch.ones_like(n))
+        new_mean = running_mean + momentum * (mean.to(running_mean.dtype) - running_mean)
+        new_var = running_var + momentum * (unbiased.to(running_var.dtype) - running_var)
+        running_mean.copy_(torch.where(n > 0, new_mean, running_mean))
+        running_var.copy_(torch.where(n > 0, new_var, running_var))
+
+
+def attention_pooling(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    *,
+    lengths: Optional[torch.Tensor] = None,
+    offsets: Optional[torch.Tensor] = None,
+    activation: str = "sigmoid",
+    normalization: str = "none",
+    scale: float = 1.0,
+    prelu_weights: Optional[Sequence[torch.Tensor]] = None,
+    dice_alpha: Optional[Sequence[torch.Tensor]] = None,
+    dice_running_mean: Optional[Sequence[torch.Tensor]] = None,
+    dice_running_var: Optional[Sequence[torch.Tensor]] = None,
+    dice_gamma: Optional[Sequence[torch.Tensor]] = None,
+    dice_beta: Optional[Sequence[torch.Tensor]] = None,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-8,
+    return_weights: bool = False,
+):
+    """DIN's local activation unit and weighted sum pooling (paper eq. 1.2), fused.
+
+    Args:
+        query: the candidate ``v_A``, ``[B, D]``, or ``[B, C, D]`` for C candidates per user
+            (serving: the history is read once for all C).
+        keys: the behaviour embeddings, padded ``[B, T, D]`` (with ``lengths [B]``, int32/int64;
+            ``None`` means all T valid) or jagged ``[N, D]`` with ``offsets [B + 1]``.
+        weights, biases: the attention MLP in ``nn.Linear`` layout: hidden layers
+            ``[H_i, H_{i-1}]`` with ``H_0 = 4D`` over ``[q, k, q - k, q * k]``, then the output
+            layer ``[1, H_last]``. Zero hidden layers is allowed.
+        activation: after each hidden layer: ``sigmoid``, ``relu``, ``prelu`` (``prelu_weights``,
+            one ``[H_i]`` or ``[1]`` alpha per layer), ``dice`` (``dice_alpha`` and running
+            statistics per layer, optional affine ``dice_gamma``/``dice_beta``; in training the
+            statistics are taken over the valid positions (and candidates) of the batch and the
+            running statistics are updated in place like ``BatchNorm1d``), or ``identity``.
+        normalization: ``none`` (the paper: weights are the raw scores) or ``softmax`` over the
+            valid positions of each row.
+        scale: multiplies the MLP output before normalization.
+        return_weights: also return the attention weights, 0 on padding: ``[B, T]`` (padded) or
+            ``[N]`` (jagged); ``[B, C, T]`` / ``[N, C]`` with several candidates.
+
+    Returns ``out`` shaped like ``query`` (and the weights). A row with no valid position gets
+    zero weights and a zero output. Dtypes: fp32/fp64/fp16/bf16, all tensors alike; fp16/bf16
+    accumulate in fp32.
+    """
+    weights, biases = list(weights), list(biases)
+    n_hidden = len(weights) - 1
+    act_weights: List[torch.Tensor] = []
+    norm_mean: List[torch.Tensor] = []
+    norm_var: List[torch.Tensor] = []
+    norm_weight: List[torch.Tensor] = list(dice_gamma) if dice_gamma is not None else []
+    norm_bias: List[torch.Tensor] = list(dice_beta) if dice_beta is not None else []
+    if activation == "prelu":
+        if prelu_weights is None:
+            raise ValueError("activation='prelu' needs prelu_weights (one alpha tensor per hidden layer)")
+        act_weights = list(prelu_weights)
+    elif activation == "dice":
+        if dice_alpha is None:
+            raise ValueError("activation='dice' needs dice_alpha (one [H_i] tensor per hidden layer)")
+        act_weights = list(dice_alpha)
+        if not training and (dice_running_mean is None or dice_running_var is None):
+            raise ValueError("activation='dice' in eval mode needs dice_running_mean and dice_running_var")
+    acc = _acc_dtype(query.dtype)
+
+    if activation == "dice" and training:
+        # validate once with placeholder statistics, then build them layer by layer
+        placeholder = [torch.zeros(w.shape[0], dtype=acc, device=query.device) for w in weights[:n_hidden]]
+        B, C, D, _, _ = check_attention_pooling_args(
+            query, keys, lengths, offsets, weights, biases, act_weights, placeholder, placeholder,
+            norm_weight, norm_bias, activation, normalization)
+        for layer in range(n_hidden):
+            mean, var = _ops.attention_pooling_stats(
+                query, keys, lengths, offsets, weights[: layer + 1], biases[: layer + 1],
+                act_weights[:layer], norm_mean, norm_var, norm_weight[:layer], norm_bias[:layer],
+                activation, eps)
+            norm_mean.append(mean)
+            norm_var.append(var)
+        if dice_running_mean is not None and dice_running_var is not None and n_hidden:
+            n = _valid_count(keys, lengths, C)
+            for rm, rv, mean, var in zip(dice_running_mean, dice_running_var, norm_mean, norm_var):
+                _update_running_stats(rm, rv, mean.detach(), var.detach(), n, momentum)
+    else:
+        if activation == "dice":
+            norm_mean = [t.to(acc) for t in dice_running_mean]
+            norm_var = [t.to(acc) for t in dice_running_var]
+        check_attention_pooling_args(
+            query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var,
+            norm_weight, norm_bias, activation, normalization)
+
+    out, attn = _ops.attention_pooling(
+        query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var, norm_weight,
+        norm_bias, activation, normalization, float(scale), float(eps))
+    return (out, attn) if return_weights else out
