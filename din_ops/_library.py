@@ -151,3 +151,14 @@ def check_index_range(indices, num: int, name: str = "indices"):
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= num:
             raise ValueError(f"{name} must lie in [0, {num}), got values in [{lo}, {hi}]")
+
+
+def update_running_stats(running_mean, running_var, mean, var, n, momentum):
+    """BatchNorm1d's update with the unbiased variance; nothing changes for an empty batch."""
+    with torch.no_grad():
+        n = n.to(mean.dtype)
+        unbiased = var * torch.where(n > 1, n / (n - 1).clamp_min(1), torch.ones_like(n))
+        new_mean = running_mean + momentum * (mean.to(running_mean.dtype) - running_mean)
+        new_var = running_var + momentum * (unbiased.to(running_var.dtype) - running_var)
+        running_mean.copy_(torch.where(n > 0, new_mean, running_mean))
+        running_var.copy_(torch.where(n > 0, new_var, running_var))

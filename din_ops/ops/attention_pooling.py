@@ -233,17 +233,6 @@ def _valid_count(keys, lengths, C):
     return lengths.sum().to(torch.float64) * C
 
 
-def _update_running_stats(running_mean, running_var, mean, var, n, momentum):
-    """BatchNorm1d's update with the unbiased variance; nothing changes for an empty batch."""
-    with torch.no_grad():
-        n = n.to(mean.dtype)
-        unbiased = var * torch.where(n > 1, n / (n - 1).clamp_min(1), torch.ones_like(n))
-        new_mean = running_mean + momentum * (mean.to(running_mean.dtype) - running_mean)
-        new_var = running_var + momentum * (unbiased.to(running_var.dtype) - running_var)
-        running_mean.copy_(torch.where(n > 0, new_mean, running_mean))
-        running_var.copy_(torch.where(n > 0, new_var, running_var))
-
-
 def attention_pooling(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -326,7 +315,7 @@ def attention_pooling(
         if dice_running_mean is not None and dice_running_var is not None and n_hidden:
             n = _valid_count(keys, lengths, C)
             for rm, rv, mean, var in zip(dice_running_mean, dice_running_var, norm_mean, norm_var):
-                _update_running_stats(rm, rv, mean.detach(), var.detach(), n, momentum)
+                lib.update_running_stats(rm, rv, mean.detach(), var.detach(), n, momentum)
     else:
         if activation == "dice":
             norm_mean = [t.to(acc) for t in dice_running_mean]
