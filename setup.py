@@ -15,13 +15,13 @@ here = os.path.dirname(os.path.abspath(__file__))
 
 def extension():
     sources = ["csrc/din_ops.cpp", "csrc/python.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-Wall", "-Wno-unused-function"]
+    cxx = ["-O3", "-fopenmp", "-std=c++20", "-Wall", "-Wno-unused-function"]
     extra = {"cxx": cxx}
     # CUDA sources only where torch itself was built with CUDA: the CPU wheel cannot link them.
     use_cuda = torch.version.cuda is not None and os.environ.get("DIN_OPS_NO_CUDA", "0") != "1"
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
         return CUDAExtension(
             "din_ops._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
             define_macros=[("DIN_OPS_WITH_CUDA", "1")],

@@ -140,7 +140,7 @@ def _activate(h, name, i, prelu_weights, dice_state):
     if name == "dice":
         alpha, rm, rv, gamma, beta, mask, training, momentum, eps = dice_state(i)
         if training:
-            mean, var, n = masked_moments(h, mask.unsqueeze(-1).expand(h.shape[:-1]))
+            mean, var, n = masked_moments(h, mask)
             _update_running(rm, rv, mean.detach(), var.detach(), n, momentum)
         else:
             mean, var = rm.to(h.dtype), rv.to(h.dtype)

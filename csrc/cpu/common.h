@@ -4,10 +4,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace din_ops {
@@ -29,16 +29,58 @@ inline at::ScalarType acc_scalar_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// BLAS as libtorch ships it. ATen's own cpublas wrapper is not exported from libtorch, but the
+// Fortran sgemm_/dgemm_ of the BLAS it links (MKL on x86) are; they are looked up at run time
+// so a libtorch without them falls back to the plain loops below instead of failing to load.
+namespace blas {
+using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
+                         const float*, const int*, const float*, const int*, const float*, float*, const int*);
+using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const double*,
+                         const double*, const int*, const double*, const int*, const double*, double*,
+                         const int*);
+sgemm_t sgemm();
+dgemm_t dgemm();
+}  // namespace blas
+
+// Row-major C[M, N] = alpha * op(A)[M, K] op(B)[K, N] + beta * C, without BLAS.
+template <typename T>
+void gemm_rm_loops(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+                   int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) {
+    T* c = C + i * ldc;
+    for (int64_t j = 0; j < N; ++j) c[j] = beta == T(0) ? T(0) : beta * c[j];
+    for (int64_t p = 0; p < K; ++p) {
+      const T a = alpha * (trans_a ? A[p * lda + i] : A[i * lda + p]);
+      if (trans_b) {
+        for (int64_t j = 0; j < N; ++j) c[j] += a * B[j * ldb + p];
+      } else {
+        const T* b = B + p * ldb;
+        for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+      }
+    }
+  }
+}
+
 // Row-major C[M, N] = alpha * op(A)[M, K] op(B)[K, N] + beta * C. A row-major matrix is its
 // transpose in BLAS' column-major view, so this is BLAS' C^T = op(B)^T op(A)^T.
 template <typename T>
-inline void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha,
-                    const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+inline void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+                    int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
-  using at::native::TransposeType;
-  at::native::cpublas::gemm(trans_b ? TransposeType::Transpose : TransposeType::NoTranspose,
-                            trans_a ? TransposeType::Transpose : TransposeType::NoTranspose, N, M,
-                            K, alpha, B, ldb, A, lda, beta, C, ldc);
+  if (K == 0) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+    return;
+  }
+  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    if (auto f = blas::sgemm()) return f(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+  } else if constexpr (std::is_same_v<T, double>) {
+    if (auto f = blas::dgemm()) return f(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+  }
+  gemm_rm_loops(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 // Splits items [0, n) with the given per-item work into at most max_parts contiguous ranges

@@ -1,0 +1,867 @@
+// SPEC section 1, CPU kernels of din_ops::attention_pooling{,_backward,_stats,_stats_backward}.
+//
+// Reference: din_ops/reference.py attention_pooling. The kernels never build [B, T, 4D]: the
+// first layer is folded per (row, candidate),
+//   W0 [q, k, q-k, q*k] = (Wq + Wd) q + (Wk - Wd + Wp diag(q)) k,
+// so a position costs D*H0 multiply-adds in layer 0 instead of 4D*H0. Positions of several rows
+// are packed into tiles of up to kTile (position, candidate) pairs so layers >= 1 run as one
+// GEMM per tile; nothing [N, H] outlives a tile (the backward recomputes the tile).
+//
+// Work split: rows are cut into at most kSlots ranges of about equal work (balanced_split).
+// Each range owns a partial weight-gradient buffer; buffers are reduced in range order, so
+// results are bitwise reproducible whatever the thread count.
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "common.h"
+
+namespace din_ops {
+namespace cpu {
+namespace {
+
+constexpr int64_t kTile = 128;   // (position, candidate) pairs per tile
+constexpr int64_t kSlots = 64;   // work ranges (and gradient buffers)
+
+enum class Act { Sigmoid, ReLU, PReLU, Dice, Identity };
+
+Act parse_activation(const std::string& s) {
+  if (s == "sigmoid") return Act::Sigmoid;
+  if (s == "relu") return Act::ReLU;
+  if (s == "prelu") return Act::PReLU;
+  if (s == "dice") return Act::Dice;
+  if (s == "identity") return Act::Identity;
+  TORCH_CHECK(false, "attention_pooling: unknown activation '", s, "'");
+}
+
+bool parse_softmax(const std::string& s) {
+  TORCH_CHECK(s == "none" || s == "softmax", "attention_pooling: normalization must be 'none' or 'softmax', got '", s, "'");
+  return s == "softmax";
+}
+
+// exp for float: Cody-Waite range reduction + degree-6 polynomial, branch-free so loops over
+// it vectorize (relative error ~2e-7). Double keeps std::exp: float64 results are compared at 1e-10.
+inline float fast_exp(float x) {
+  x = std::min(88.0f, std::max(-87.0f, x));
+  // round to nearest by adding 1.5 * 2^23 (vectorizes, unlike nearbyint)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187045e-06f;
+  float p = 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double fast_exp(double x) { return std::exp(x); }
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + fast_exp(-x));
+}
+
+// Which valid positions exist, independent of the layout: row b owns key rows
+// [start[b], start[b] + len[b]) of keys viewed as [P, D]. The attention weight of row b,
+// candidate c, position t is at start[b]*C + c*sC + t*sT of the flat attention tensor.
+struct Rows {
+  int64_t B = 0, C = 1, D = 0, P = 0;
+  int64_t sC = 1, sT = 1;
+  bool jagged = false;
+  std::vector<int64_t> start, len;
+  int64_t valid = 0;  // sum of len
+};
+
+Rows describe_rows(const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& lengths,
+                   const std::optional<at::Tensor>& offsets) {
+  TORCH_CHECK(query.dim() == 2 || query.dim() == 3, "attention_pooling: query must be [B, D] or [B, C, D]");
+  TORCH_CHECK(keys.dim() == 2 || keys.dim() == 3, "attention_pooling: keys must be [B, T, D] or [N, D]");
+  Rows r;
+  r.B = query.size(0);
+  r.C = query.dim() == 3 ? query.size(1) : 1;
+  r.D = query.size(-1);
+  TORCH_CHECK(keys.size(-1) == r.D, "attention_pooling: keys and query must have the same width D");
+  r.start.resize(r.B);
+  r.len.resize(r.B);
+  if (keys.dim() == 3) {
+    TORCH_CHECK(!offsets.has_value(), "attention_pooling: offsets is for jagged keys [N, D]");
+    TORCH_CHECK(keys.size(0) == r.B, "attention_pooling: keys must be [B, T, D] with B = query.size(0)");
+    const int64_t T = keys.size(1);
+    r.P = r.B * T;
+    r.sC = T;
+    r.sT = 1;
+    at::Tensor l;
+    if (lengths.has_value()) {
+      TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == r.B, "attention_pooling: lengths must be [B]");
+      l = lengths->to(at::kLong).contiguous();
+    }
+    for (int64_t b = 0; b < r.B; ++b) {
+      const int64_t n = l.defined() ? l.data_ptr<int64_t>()[b] : T;
+      TORCH_CHECK(n >= 0 && n <= T, "attention_pooling: lengths[", b, "] = ", n, " is outside [0, T=", T, "]");
+      r.start[b] = b * T;
+      r.len[b] = n;
+      r.valid += n;
+    }
+  } else {
+    TORCH_CHECK(offsets.has_value(), "attention_pooling: jagged keys [N, D] need offsets");
+    TORCH_CHECK(!lengths.has_value(), "attention_pooling: lengths is for padded keys [B, T, D]");
+    TORCH_CHECK(offsets->dim() == 1 && offsets->size(0) == r.B + 1, "attention_pooling: offsets must be [B + 1]");
+    r.jagged = true;
+    r.P = keys.size(0);
+    r.sC = 1;
+    r.sT = r.C;
+    const at::Tensor o = offsets->to(at::kLong).contiguous();
+    const int64_t* op = o.data_ptr<int64_t>();
+    TORCH_CHECK(op[0] == 0, "attention_pooling: offsets[0] must be 0");
+    TORCH_CHECK(op[r.B] == r.P, "attention_pooling: offsets[-1] must equal N = keys.size(0)");
+    for (int64_t b = 0; b < r.B; ++b) {
+      TORCH_CHECK(op[b + 1] >= op[b], "attention_pooling: offsets must be non-decreasing");
+      r.start[b] = op[b];
+      r.len[b] = op[b + 1] - op[b];
+      r.valid += r.len[b];
+    }
+  }
+  return r;
+}
+
+// The MLP in the accumulation type, with layer 0 split into its folded blocks. Layers
+// 0..L-1; the activation follows every layer but the last (the last is the output layer of
+// the pooling head, or the layer whose pre-activation statistics the stats head wants).
+template <typename T>
+struct Mlp {
+  int64_t D = 0, L = 0;
+  std::vector<int64_t> H, fan_in;
+  std::vector<at::Tensor> W, b;  // [H_l, fan_in_l], [H_l]
+  at::Tensor Wkd, Wqd;           // [H0, D]: Wk - Wd, Wq + Wd
+  const T* Wp = nullptr;         // column block 3 of W0, row stride 4D
+  Act act = Act::Identity;
+  std::vector<at::Tensor> alpha, mean, var, gamma, beta;
+  std::vector<int64_t> alpha_stride;
+  T eps = 0;
+  int64_t maxH = 1;
+
+  const T* w(int64_t l) const { return W[l].data_ptr<T>(); }
+  const T* bias(int64_t l) const { return b[l].data_ptr<T>(); }
+};
+
+at::Tensor acc(const at::Tensor& t, at::ScalarType s) { return t.to(s).contiguous(); }
+
+template <typename T>
+Mlp<T> make_mlp(int64_t D, at::TensorList weights, at::TensorList biases, at::TensorList act_weights,
+                at::TensorList norm_mean, at::TensorList norm_var, at::TensorList norm_weight,
+                at::TensorList norm_bias, const std::string& activation, double eps) {
+  const auto s = c10::CppTypeToScalarType<T>::value;
+  Mlp<T> m;
+  m.D = D;
+  m.L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(m.L >= 1 && static_cast<int64_t>(biases.size()) == m.L, "attention_pooling: weights/biases mismatch");
+  m.act = parse_activation(activation);
+  m.eps = static_cast<T>(eps);
+  int64_t in = 4 * D;
+  for (int64_t l = 0; l < m.L; ++l) {
+    TORCH_CHECK(weights[l].dim() == 2 && weights[l].size(1) == in, "attention_pooling: weights[", l, "] must be [H, ", in, "]");
+    TORCH_CHECK(biases[l].numel() == weights[l].size(0), "attention_pooling: biases[", l, "] must be [H]");
+    m.W.push_back(acc(weights[l], s));
+    m.b.push_back(acc(biases[l], s));
+    m.H.push_back(weights[l].size(0));
+    m.fan_in.push_back(in);
+    m.maxH = std::max(m.maxH, m.H.back());
+    in = m.H.back();
+  }
+  const at::Tensor& W0 = m.W[0];
+  m.Wkd = (W0.narrow(1, D, D) - W0.narrow(1, 2 * D, D)).contiguous();
+  m.Wqd = (W0.narrow(1, 0, D) + W0.narrow(1, 2 * D, D)).contiguous();
+  m.Wp = W0.data_ptr<T>() + 3 * D;
+  const int64_t n_act = m.L - 1;
+  if (m.act == Act::PReLU || m.act == Act::Dice) {
+    TORCH_CHECK(static_cast<int64_t>(act_weights.size()) == n_act, "attention_pooling: one alpha per hidden layer expected");
+    for (int64_t l = 0; l < n_act; ++l) {
+      TORCH_CHECK(act_weights[l].numel() == m.H[l] || (m.act == Act::PReLU && act_weights[l].numel() == 1),
+                  "attention_pooling: alpha[", l, "] must have ", m.H[l], " entries");
+      m.alpha.push_back(acc(act_weights[l], s));
+      m.alpha_stride.push_back(act_weights[l].numel() == 1 ? 0 : 1);
+    }
+  }
+  if (m.act == Act::Dice) {
+    TORCH_CHECK(static_cast<int64_t>(norm_mean.size()) == n_act && static_cast<int64_t>(norm_var.size()) == n_act,
+                "attention_pooling: dice needs a mean and a variance per hidden layer");
+    TORCH_CHECK(norm_weight.empty() || static_cast<int64_t>(norm_weight.size()) == n_act, "attention_pooling: dice gamma count");
+    TORCH_CHECK(norm_bias.empty() || static_cast<int64_t>(norm_bias.size()) == n_act, "attention_pooling: dice beta count");
+    for (int64_t l = 0; l < n_act; ++l) {
+      TORCH_CHECK(norm_mean[l].numel() == m.H[l] && norm_var[l].numel() == m.H[l], "attention_pooling: dice statistics shape");
+      m.mean.push_back(acc(norm_mean[l], s));
+      m.var.push_back(acc(norm_var[l], s));
+      m.gamma.push_back(norm_weight.empty() ? at::ones({m.H[l]}, W0.options()) : acc(norm_weight[l], s));
+      m.beta.push_back(norm_bias.empty() ? at::zeros({m.H[l]}, W0.options()) : acc(norm_bias[l], s));
+    }
+  }
+  return m;
+}
+
+// Offsets of each parameter's gradient inside one flat per-range buffer.
+struct GradLayout {
+  std::vector<int64_t> W, b, alpha, mean, var, gamma, beta;
+  int64_t size = 0;
+};
+
+template <typename T>
+GradLayout grad_layout(const Mlp<T>& m) {
+  GradLayout g;
+  auto take = [&](int64_t n) {
+    const int64_t o = g.size;
+    g.size += n;
+    return o;
+  };
+  for (int64_t l = 0; l < m.L; ++l) g.W.push_back(take(m.H[l] * m.fan_in[l]));
+  for (int64_t l = 0; l < m.L; ++l) g.b.push_back(take(m.H[l]));
+  for (size_t l = 0; l < m.alpha.size(); ++l) g.alpha.push_back(take(m.alpha[l].numel()));
+  for (size_t l = 0; l < m.mean.size(); ++l) {
+    g.mean.push_back(take(m.H[l]));
+    g.var.push_back(take(m.H[l]));
+    g.gamma.push_back(take(m.H[l]));
+    g.beta.push_back(take(m.H[l]));
+  }
+  return g;
+}
+
+struct Segment {
+  int64_t b, c, t0, n, off;  // row, candidate, first position, count, first tile row
+};
+
+// Per-thread scratch: the tile's pre-activations Z[l] and activations A[l] ([kTile, H_l]),
+// the folded layer-0 matrix of the current (row, candidate), and backward buffers.
+template <typename T>
+struct Workspace {
+  std::vector<std::vector<T>> Z, A;
+  std::vector<T> Abc, cbc, dA0, dc0, dZ, dZprev, kbuf;
+  std::vector<Segment> segs;
+  int64_t M = 0;
+
+  explicit Workspace(const Mlp<T>& m) {
+    for (int64_t l = 0; l < m.L; ++l) {
+      Z.emplace_back(kTile * m.H[l]);
+      A.emplace_back(l + 1 < m.L ? kTile * m.H[l] : 0);
+    }
+    Abc.resize(m.H[0] * m.D);
+    cbc.resize(m.H[0]);
+    dA0.resize(m.H[0] * m.D);
+    dc0.resize(m.H[0]);
+    dZ.resize(kTile * m.maxH);
+    dZprev.resize(kTile * m.maxH);
+  }
+};
+
+// Folded layer 0 for one (row, candidate): Abc = (Wk - Wd) + Wp diag(q), cbc = (Wq + Wd) q + b0.
+template <typename T>
+void fold_layer0(const Mlp<T>& m, const T* q, T* Abc, T* cbc) {
+  const int64_t H0 = m.H[0], D = m.D;
+  const T* Wkd = m.Wkd.template data_ptr<T>();
+  const T* Wqd = m.Wqd.template data_ptr<T>();
+  const T* b0 = m.bias(0);
+  for (int64_t h = 0; h < H0; ++h) {
+    const T* wp = m.Wp + h * 4 * D;
+    T* a = Abc + h * D;
+    const T* wkd = Wkd + h * D;
+    T c = b0[h];
+    const T* wqd = Wqd + h * D;
+    for (int64_t d = 0; d < D; ++d) {
+      a[d] = wkd[d] + wp[d] * q[d];
+      c += wqd[d] * q[d];
+    }
+    cbc[h] = c;
+  }
+}
+
+template <typename T>
+void activate(const Mlp<T>& m, int64_t l, const T* z, T* a, int64_t M) {
+  const int64_t H = m.H[l];
+  const int64_t n = M * H;
+  switch (m.act) {
+    case Act::Sigmoid:
+      for (int64_t i = 0; i < n; ++i) a[i] = sigmoid(z[i]);
+      break;
+    case Act::ReLU:
+      for (int64_t i = 0; i < n; ++i) a[i] = z[i] > T(0) ? z[i] : T(0);
+      break;
+    case Act::Identity:
+      std::memcpy(a, z, n * sizeof(T));
+      break;
+    case Act::PReLU: {
+      const T* al = m.alpha[l].template data_ptr<T>();
+      const int64_t as = m.alpha_stride[l];
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t h = 0; h < H; ++h) {
+          const T v = z[i * H + h];
+          a[i * H + h] = v >= T(0) ? v : al[h * as] * v;
+        }
+      break;
+    }
+    case Act::Dice: {
+      const T* al = m.alpha[l].template data_ptr<T>();
+      const T* mu = m.mean[l].template data_ptr<T>();
+      const T* va = m.var[l].template data_ptr<T>();
+      const T* ga = m.gamma[l].template data_ptr<T>();
+      const T* be = m.beta[l].template data_ptr<T>();
+      std::vector<T> k1(H), k0(H);  // y = k1 * z + k0: the normalization folded into one affine map
+      for (int64_t h = 0; h < H; ++h) {
+        const T rstd = T(1) / std::sqrt(va[h] + m.eps);
+        k1[h] = ga[h] * rstd;
+        k0[h] = be[h] - ga[h] * rstd * mu[h];
+      }
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t h = 0; h < H; ++h) {
+          const T v = z[i * H + h];
+          const T p = sigmoid(k1[h] * v + k0[h]);
+          a[i * H + h] = v * (al[h] + (T(1) - al[h]) * p);
+        }
+      break;
+    }
+  }
+}
+
+// Gradient through the activation of layer l: dz = dA * f'(z), accumulating the activation's
+// parameter gradients into g (per-range buffer).
+template <typename T>
+void activate_backward(const Mlp<T>& m, const GradLayout& lay, int64_t l, const T* z, const T* a,
+                       const T* dA, T* dz, int64_t M, T* g) {
+  const int64_t H = m.H[l];
+  const int64_t n = M * H;
+  switch (m.act) {
+    case Act::Sigmoid:
+      for (int64_t i = 0; i < n; ++i) dz[i] = dA[i] * a[i] * (T(1) - a[i]);
+      break;
+    case Act::ReLU:
+      for (int64_t i = 0; i < n; ++i) dz[i] = z[i] > T(0) ? dA[i] : T(0);
+      break;
+    case Act::Identity:
+      std::memcpy(dz, dA, n * sizeof(T));
+      break;
+    case Act::PReLU: {
+      const T* al = m.alpha[l].template data_ptr<T>();
+      const int64_t as = m.alpha_stride[l];
+      T* ga = g + lay.alpha[l];
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t h = 0; h < H; ++h) {
+          const T v = z[i * H + h], d = dA[i * H + h];
+          if (v >= T(0)) {
+            dz[i * H + h] = d;
+          } else {
+            dz[i * H + h] = al[h * as] * d;
+            ga[h * as] += d * v;
+          }
+        }
+      break;
+    }
+    case Act::Dice: {
+      const T* al = m.alpha[l].template data_ptr<T>();
+      const T* mu = m.mean[l].template data_ptr<T>();
+      const T* va = m.var[l].template data_ptr<T>();
+      const T* gm = m.gamma[l].template data_ptr<T>();
+      const T* be = m.beta[l].template data_ptr<T>();
+      T* g_alpha = g + lay.alpha[l];
+      T* g_mean = g + lay.mean[l];
+      T* g_var = g + lay.var[l];
+      T* g_gamma = g + lay.gamma[l];
+      T* g_beta = g + lay.beta[l];
+      std::vector<T> rstd(H);
+      for (int64_t h = 0; h < H; ++h) rstd[h] = T(1) / std::sqrt(va[h] + m.eps);
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t h = 0; h < H; ++h) {
+          const T v = z[i * H + h], d = dA[i * H + h];
+          const T xhat = (v - mu[h]) * rstd[h];
+          const T p = sigmoid(gm[h] * xhat + be[h]);
+          const T u = d * v * (T(1) - al[h]) * p * (T(1) - p);  // dL/dy, y the sigmoid's input
+          dz[i * H + h] = d * (al[h] + (T(1) - al[h]) * p) + u * gm[h] * rstd[h];
+          g_alpha[h] += d * v * (T(1) - p);
+          g_gamma[h] += u * xhat;
+          g_beta[h] += u;
+          g_mean[h] -= u * gm[h] * rstd[h];
+          g_var[h] -= T(0.5) * u * gm[h] * xhat * rstd[h] * rstd[h];
+        }
+      break;
+    }
+  }
+}
+
+// Inputs of a kernel call in the accumulation type.
+template <typename T>
+struct Inputs {
+  const T* q = nullptr;  // [B, C, D]
+  const T* k = nullptr;  // [P, D]
+};
+
+// Forward through the tile: Z[l] for every layer, A[l] for every layer but the last.
+template <typename T>
+void tile_forward(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace<T>& ws) {
+  const int64_t D = m.D, H0 = m.H[0];
+  T* Z0 = ws.Z[0].data();
+  for (const Segment& s : ws.segs) {
+    fold_layer0(m, in.q + (s.b * r.C + s.c) * D, ws.Abc.data(), ws.cbc.data());
+    T* z = Z0 + s.off * H0;
+    const T* k = in.k + (r.start[s.b] + s.t0) * D;
+    for (int64_t i = 0; i < s.n; ++i) std::memcpy(z + i * H0, ws.cbc.data(), H0 * sizeof(T));
+    gemm_rm<T>(false, true, s.n, H0, D, T(1), k, D, ws.Abc.data(), D, T(1), z, H0);
+  }
+  const int64_t M = ws.M;
+  for (int64_t l = 0; l < m.L; ++l) {
+    if (l > 0) {
+      const int64_t H = m.H[l], Hin = m.fan_in[l];
+      T* z = ws.Z[l].data();
+      const T* bl = m.bias(l);
+      for (int64_t i = 0; i < M; ++i) std::memcpy(z + i * H, bl, H * sizeof(T));
+      gemm_rm<T>(false, true, M, H, Hin, T(1), ws.A[l - 1].data(), Hin, m.w(l), Hin, T(1), z, H);
+    }
+    if (l + 1 < m.L) activate(m, l, ws.Z[l].data(), ws.A[l].data(), M);
+  }
+}
+
+// Backward through the tile, given dZ of the last layer in ws.dZ. Accumulates weight
+// gradients into g, key gradients into gk ([P, D]) and query gradients into gq ([B*C, D]).
+template <typename T>
+void tile_backward(const Mlp<T>& m, const GradLayout& lay, const Rows& r, const Inputs<T>& in,
+                   Workspace<T>& ws, T* g, T* gk, T* gq) {
+  const int64_t M = ws.M, D = m.D;
+  T* dz = ws.dZ.data();
+  T* dprev = ws.dZprev.data();
+  for (int64_t l = m.L - 1; l >= 1; --l) {
+    const int64_t H = m.H[l], Hin = m.fan_in[l];
+    // dW_l += dZ_l^T A_{l-1}; db_l += sum_i dZ_l; dA_{l-1} = dZ_l W_l
+    gemm_rm<T>(true, false, H, Hin, M, T(1), dz, H, ws.A[l - 1].data(), Hin, T(1), g + lay.W[l], Hin);
+    T* gb = g + lay.b[l];
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t h = 0; h < H; ++h) gb[h] += dz[i * H + h];
+    gemm_rm<T>(false, false, M, Hin, H, T(1), dz, H, m.w(l), Hin, T(0), dprev, Hin);
+    activate_backward(m, lay, l - 1, ws.Z[l - 1].data(), ws.A[l - 1].data(), dprev, dz, M, g);
+  }
+  // Layer 0, folded: z = Abc k + cbc.
+  const int64_t H0 = m.H[0];
+  T* gW0 = g + lay.W[0];
+  T* gb0 = g + lay.b[0];
+  const T* Wqd = m.Wqd.template data_ptr<T>();
+  for (const Segment& s : ws.segs) {
+    const T* q = in.q + (s.b * r.C + s.c) * D;
+    fold_layer0(m, q, ws.Abc.data(), ws.cbc.data());
+    const T* dzs = dz + s.off * H0;
+    const int64_t p0 = r.start[s.b] + s.t0;
+    // dk += dz Abc; dAbc = dz^T k; dc = sum dz
+    gemm_rm<T>(false, false, s.n, D, H0, T(1), dzs, H0, ws.Abc.data(), D, T(1), gk + p0 * D, D);
+    gemm_rm<T>(true, false, H0, D, s.n, T(1), dzs, H0, in.k + p0 * D, D, T(0), ws.dA0.data(), D);
+    T* dc = ws.dc0.data();
+    std::fill(dc, dc + H0, T(0));
+    for (int64_t i = 0; i < s.n; ++i)
+      for (int64_t h = 0; h < H0; ++h) dc[h] += dzs[i * H0 + h];
+    T* dq = gq + (s.b * r.C + s.c) * D;
+    for (int64_t h = 0; h < H0; ++h) {
+      const T* dA = ws.dA0.data() + h * D;
+      const T* wp = m.Wp + h * 4 * D;
+      const T* wqd = Wqd + h * D;
+      T* gq_ = gW0 + h * 4 * D;  // columns [0, D): Wq
+      T* gk_ = gq_ + D;          // Wk
+      T* gd_ = gq_ + 2 * D;      // Wd
+      T* gp_ = gq_ + 3 * D;      // Wp
+      const T ch = dc[h];
+      for (int64_t d = 0; d < D; ++d) {
+        const T cq = ch * q[d];
+        gq_[d] += cq;
+        gk_[d] += dA[d];
+        gd_[d] += cq - dA[d];
+        gp_[d] += dA[d] * q[d];
+        dq[d] += dA[d] * wp[d] + wqd[d] * ch;
+      }
+      gb0[h] += ch;
+    }
+  }
+}
+
+// Calls fn(ws) for every tile of the rows [row_begin, row_end): segments of (row, candidate)
+// positions packed in row order into tiles of up to kTile pairs.
+template <typename T, typename Fn>
+void for_each_tile(const Rows& r, int64_t row_begin, int64_t row_end, Workspace<T>& ws, Fn&& fn) {
+  ws.segs.clear();
+  ws.M = 0;
+  for (int64_t b = row_begin; b < row_end; ++b) {
+    for (int64_t c = 0; c < r.C; ++c) {
+      int64_t t = 0;
+      while (t < r.len[b]) {
+        const int64_t n = std::min(r.len[b] - t, kTile - ws.M);
+        ws.segs.push_back({b, c, t, n, ws.M});
+        ws.M += n;
+        t += n;
+        if (ws.M == kTile) {
+          fn(ws);
+          ws.segs.clear();
+          ws.M = 0;
+        }
+      }
+    }
+  }
+  if (ws.M > 0) fn(ws);
+  ws.segs.clear();
+  ws.M = 0;
+}
+
+std::vector<int64_t> row_ranges(const Rows& r) {
+  std::vector<int64_t> work(r.B);
+  for (int64_t b = 0; b < r.B; ++b) work[b] = r.len[b] * r.C + 4;  // +4: per-row overhead
+  return balanced_split(work, kSlots);
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward
+template <typename T>
+void forward_impl(const Rows& r, const Mlp<T>& m, const Inputs<T>& in, bool softmax, T scale, T* attn, T* out) {
+  const auto ranges = row_ranges(r);
+  const int64_t n_ranges = static_cast<int64_t>(ranges.size()) - 1;
+  const int64_t D = r.D;
+  at::parallel_for(0, n_ranges, 1, [&](int64_t lo, int64_t hi) {
+    Workspace<T> ws(m);
+    for (int64_t part = lo; part < hi; ++part) {
+      const int64_t rb = ranges[part], re = ranges[part + 1];
+      for_each_tile(r, rb, re, ws, [&](Workspace<T>& w) {
+        tile_forward(m, r, in, w);
+        const T* s = w.Z[m.L - 1].data();  // [M, 1]
+        for (const Segment& g : w.segs) {
+          T* a = attn + r.start[g.b] * r.C + g.c * r.sC + g.t0 * r.sT;
+          for (int64_t i = 0; i < g.n; ++i) a[i * r.sT] = scale * s[g.off + i];
+        }
+      });
+      for (int64_t b = rb; b < re; ++b) {
+        const int64_t n = r.len[b];
+        const T* k = in.k + r.start[b] * D;
+        for (int64_t c = 0; c < r.C; ++c) {
+          T* a = attn + r.start[b] * r.C + c * r.sC;
+          if (softmax && n > 0) {
+            T mx = a[0];
+            for (int64_t t = 1; t < n; ++t) mx = std::max(mx, a[t * r.sT]);
+            T sum = 0;
+            for (int64_t t = 0; t < n; ++t) {
+              const T e = std::exp(a[t * r.sT] - mx);
+              a[t * r.sT] = e;
+              sum += e;
+            }
+            const T inv = T(1) / sum;
+            for (int64_t t = 0; t < n; ++t) a[t * r.sT] *= inv;
+          }
+          T* o = out + (b * r.C + c) * D;
+          for (int64_t t = 0; t < n; ++t) {
+            const T wt = a[t * r.sT];
+            const T* kt = k + t * D;
+            for (int64_t d = 0; d < D; ++d) o[d] += wt * kt[d];
+          }
+        }
+      }
+    }
+  });
+}
+
+// Tensors in the accumulation type (no copy when already there).
+struct AccInputs {
+  at::Tensor q, k;
+};
+
+AccInputs acc_inputs(const at::Tensor& query, const at::Tensor& keys) {
+  const auto s = acc_scalar_type(query.scalar_type());
+  return {query.to(s).contiguous(), keys.to(s).contiguous()};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_pooling_cpu(
+    const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& offsets, at::TensorList weights, at::TensorList biases,
+    at::TensorList act_weights, at::TensorList norm_mean, at::TensorList norm_var, at::TensorList norm_weight,
+    at::TensorList norm_bias, c10::string_view activation, c10::string_view normalization, double scale,
+    double eps) {
+  const Rows r = describe_rows(query, keys, lengths, offsets);
+  const bool softmax = parse_softmax(std::string(normalization));
+  const auto acc_s = acc_scalar_type(query.scalar_type());
+  const AccInputs ai = acc_inputs(query, keys);
+  auto opts = ai.q.options();
+  at::Tensor out = at::zeros({r.B, r.C, r.D}, opts);
+  std::vector<int64_t> attn_shape;
+  if (r.jagged) {
+    attn_shape = query.dim() == 2 ? std::vector<int64_t>{r.P} : std::vector<int64_t>{r.P, r.C};
+  } else {
+    const int64_t T = keys.size(1);
+    attn_shape = query.dim() == 2 ? std::vector<int64_t>{r.B, T} : std::vector<int64_t>{r.B, r.C, T};
+  }
+  at::Tensor attn = at::zeros(attn_shape, opts);
+  AT_DISPATCH_FLOATING_TYPES(acc_s, "attention_pooling_cpu", [&] {
+    const Mlp<scalar_t> m = make_mlp<scalar_t>(r.D, weights, biases, act_weights, norm_mean, norm_var, norm_weight,
+                                               norm_bias, std::string(activation), eps);
+    TORCH_CHECK(m.H[m.L - 1] == 1, "attention_pooling: the last layer must have one output");
+    Inputs<scalar_t> in{ai.q.data_ptr<scalar_t>(), ai.k.data_ptr<scalar_t>()};
+    forward_impl<scalar_t>(r, m, in, softmax, static_cast<scalar_t>(scale), attn.data_ptr<scalar_t>(),
+                           out.data_ptr<scalar_t>());
+  });
+  return {out.view(query.sizes()).to(query.scalar_type()), attn.to(query.scalar_type())};
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward (shared by both heads)
+using GradTuple = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                             std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                             std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+// Reduces the per-range buffers in range order and cuts the result into the gradient tensors.
+template <typename T>
+GradTuple finish_grads(const Mlp<T>& m, const GradLayout& lay, const std::vector<std::vector<T>>& parts,
+                       at::Tensor gq, at::Tensor gk, const at::Tensor& query, const at::Tensor& keys,
+                       at::TensorList weights, at::TensorList act_weights, at::TensorList norm_mean,
+                       at::TensorList norm_weight, at::TensorList norm_bias) {
+  std::vector<T> total(lay.size, T(0));
+  for (const auto& p : parts)
+    for (int64_t i = 0; i < lay.size; ++i) total[i] += p[i];
+  const auto acc_opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto slice = [&](int64_t off, at::IntArrayRef shape, at::ScalarType dt) {
+    at::Tensor t = at::empty(shape, acc_opts);
+    std::memcpy(t.data_ptr<T>(), total.data() + off, t.numel() * sizeof(T));
+    return t.to(dt);
+  };
+  const auto dt = query.scalar_type();
+  std::vector<at::Tensor> gW, gb, ga, gmean, gvar, ggamma, gbeta;
+  for (int64_t l = 0; l < m.L; ++l) {
+    gW.push_back(slice(lay.W[l], weights[l].sizes(), dt));
+    gb.push_back(slice(lay.b[l], {m.H[l]}, dt));
+  }
+  for (size_t l = 0; l < lay.alpha.size(); ++l) ga.push_back(slice(lay.alpha[l], act_weights[l].sizes(), dt));
+  for (size_t l = 0; l < lay.mean.size(); ++l) {
+    gmean.push_back(slice(lay.mean[l], {m.H[l]}, norm_mean[l].scalar_type()));
+    gvar.push_back(slice(lay.var[l], {m.H[l]}, norm_mean[l].scalar_type()));
+    if (!norm_weight.empty()) ggamma.push_back(slice(lay.gamma[l], {m.H[l]}, dt));
+    if (!norm_bias.empty()) gbeta.push_back(slice(lay.beta[l], {m.H[l]}, dt));
+  }
+  return {gq.view(query.sizes()).to(dt), gk.view(keys.sizes()).to(dt), gW, gb, ga, gmean, gvar, ggamma, gbeta};
+}
+
+GradTuple attention_pooling_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_attn, const at::Tensor& attn,
+    const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& offsets, at::TensorList weights, at::TensorList biases,
+    at::TensorList act_weights, at::TensorList norm_mean, at::TensorList norm_var, at::TensorList norm_weight,
+    at::TensorList norm_bias, c10::string_view activation, c10::string_view normalization, double scale, double eps) {
+  const Rows r = describe_rows(query, keys, lengths, offsets);
+  const bool softmax = parse_softmax(std::string(normalization));
+  TORCH_CHECK(grad_out.numel() == r.B * r.C * r.D, "attention_pooling_backward: grad_out shape");
+  TORCH_CHECK(attn.numel() == r.P * r.C, "attention_pooling_backward: attn shape");
+  const auto acc_s = acc_scalar_type(query.scalar_type());
+  const AccInputs ai = acc_inputs(query, keys);
+  const at::Tensor go = grad_out.to(acc_s).contiguous();
+  const at::Tensor w = attn.to(acc_s).contiguous();
+  at::Tensor ga;
+  if (grad_attn.has_value() && grad_attn->defined()) {
+    TORCH_CHECK(grad_attn->numel() == r.P * r.C, "attention_pooling_backward: grad_attn shape");
+    ga = grad_attn->to(acc_s).contiguous();
+  }
+  at::Tensor gq = at::zeros({r.B * r.C, r.D}, ai.q.options());
+  at::Tensor gk = at::zeros({r.P, r.D}, ai.q.options());
+  at::Tensor ds = at::empty({r.P * r.C}, ai.q.options());
+  GradTuple result;
+  AT_DISPATCH_FLOATING_TYPES(acc_s, "attention_pooling_backward_cpu", [&] {
+    using T = scalar_t;
+    const Mlp<T> m = make_mlp<T>(r.D, weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias,
+                                 std::string(activation), eps);
+    const GradLayout lay = grad_layout(m);
+    const Inputs<T> in{ai.q.data_ptr<T>(), ai.k.data_ptr<T>()};
+    const auto ranges = row_ranges(r);
+    const int64_t n_ranges = static_cast<int64_t>(ranges.size()) - 1;
+    std::vector<std::vector<T>> parts(n_ranges, std::vector<T>(lay.size, T(0)));
+    const T* pw = w.data_ptr<T>();
+    const T* pga = ga.defined() ? ga.data_ptr<T>() : nullptr;
+    const T* pgo = go.data_ptr<T>();
+    T* pds = ds.data_ptr<T>();
+    T* pgk = gk.data_ptr<T>();
+    T* pgq = gq.data_ptr<T>();
+    const T sc = static_cast<T>(scale);
+    const int64_t D = r.D;
+    at::parallel_for(0, n_ranges, 1, [&](int64_t lo, int64_t hi) {
+      Workspace<T> ws(m);
+      for (int64_t part = lo; part < hi; ++part) {
+        const int64_t rb = ranges[part], re = ranges[part + 1];
+        // Pooling and normalization: dL/ds for every valid pair, and the pooling's share of dk.
+        for (int64_t b = rb; b < re; ++b) {
+          const int64_t n = r.len[b];
+          const T* k = in.k + r.start[b] * D;
+          T* dk = pgk + r.start[b] * D;
+          for (int64_t c = 0; c < r.C; ++c) {
+            const int64_t base = r.start[b] * r.C + c * r.sC;
+            const T* g = pgo + (b * r.C + c) * D;
+            T dot_sum = 0;
+            for (int64_t t = 0; t < n; ++t) {
+              const T* kt = k + t * D;
+              T dw = pga ? pga[base + t * r.sT] : T(0);
+              for (int64_t d = 0; d < D; ++d) dw += g[d] * kt[d];
+              pds[base + t * r.sT] = dw;
+              dot_sum += pw[base + t * r.sT] * dw;
+              const T wt = pw[base + t * r.sT];
+              T* dkt = dk + t * D;
+              for (int64_t d = 0; d < D; ++d) dkt[d] += wt * g[d];
+            }
+            for (int64_t t = 0; t < n; ++t) {
+              T& v = pds[base + t * r.sT];
+              v = softmax ? pw[base + t * r.sT] * (v - dot_sum) * sc : v * sc;
+            }
+          }
+        }
+        // The MLP, tile by tile.
+        T* g = parts[part].data();
+        for_each_tile(r, rb, re, ws, [&](Workspace<T>& wk) {
+          tile_forward(m, r, in, wk);
+          for (const Segment& s : wk.segs) {
+            const T* src = pds + r.start[s.b] * r.C + s.c * r.sC + s.t0 * r.sT;
+            for (int64_t i = 0; i < s.n; ++i) wk.dZ[s.off + i] = src[i * r.sT];
+          }
+          tile_backward(m, lay, r, in, wk, g, pgk, pgq);
+        });
+      }
+    });
+    result = finish_grads<T>(m, lay, parts, gq, gk, query, keys, weights, act_weights, norm_mean, norm_weight,
+                             norm_bias);
+  });
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------
+// stats head: mean and biased variance of the last layer's pre-activation over valid pairs
+std::tuple<at::Tensor, at::Tensor> attention_pooling_stats_cpu(
+    const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& offsets, at::TensorList weights, at::TensorList biases,
+    at::TensorList act_weights, at::TensorList norm_mean, at::TensorList norm_var, at::TensorList norm_weight,
+    at::TensorList norm_bias, c10::string_view activation, double eps) {
+  const Rows r = describe_rows(query, keys, lengths, offsets);
+  const auto acc_s = acc_scalar_type(query.scalar_type());
+  const AccInputs ai = acc_inputs(query, keys);
+  const int64_t H = weights.back().size(0);
+  at::Tensor mean = at::zeros({H}, ai.q.options());
+  at::Tensor var = at::zeros({H}, ai.q.options());
+  AT_DISPATCH_FLOATING_TYPES(acc_s, "attention_pooling_stats_cpu", [&] {
+    using T = scalar_t;
+    const Mlp<T> m = make_mlp<T>(r.D, weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias,
+                                 std::string(activation), eps);
+    const Inputs<T> in{ai.q.data_ptr<T>(), ai.k.data_ptr<T>()};
+    const auto ranges = row_ranges(r);
+    const int64_t n_ranges = static_cast<int64_t>(ranges.size()) - 1;
+    // per range: count, mean[H], M2[H] (Chan et al.'s pairwise combination, in a fixed order)
+    std::vector<int64_t> counts(n_ranges, 0);
+    std::vector<std::vector<T>> means(n_ranges, std::vector<T>(H, T(0))), m2s(n_ranges, std::vector<T>(H, T(0)));
+    at::parallel_for(0, n_ranges, 1, [&](int64_t lo, int64_t hi) {
+      Workspace<T> ws(m);
+      std::vector<T> tmean(H), tm2(H);
+      for (int64_t part = lo; part < hi; ++part) {
+        int64_t& n = counts[part];
+        T* mu = means[part].data();
+        T* m2 = m2s[part].data();
+        for_each_tile(r, ranges[part], ranges[part + 1], ws, [&](Workspace<T>& wk) {
+          tile_forward(m, r, in, wk);
+          const T* z = wk.Z[m.L - 1].data();
+          const int64_t M = wk.M;
+          std::fill(tmean.begin(), tmean.end(), T(0));
+          std::fill(tm2.begin(), tm2.end(), T(0));
+          for (int64_t i = 0; i < M; ++i)
+            for (int64_t h = 0; h < H; ++h) tmean[h] += z[i * H + h];
+          for (int64_t h = 0; h < H; ++h) tmean[h] /= T(M);
+          for (int64_t i = 0; i < M; ++i)
+            for (int64_t h = 0; h < H; ++h) {
+              const T dv = z[i * H + h] - tmean[h];
+              tm2[h] += dv * dv;
+            }
+          const T na = T(n), nb = T(M), nt = na + nb;
+          for (int64_t h = 0; h < H; ++h) {
+            const T delta = tmean[h] - mu[h];
+            mu[h] += delta * nb / nt;
+            m2[h] += tm2[h] + delta * delta * na * nb / nt;
+          }
+          n += M;
+        });
+      }
+    });
+    T* pm = mean.data_ptr<T>();
+    T* pv = var.data_ptr<T>();
+    int64_t n = 0;
+    for (int64_t part = 0; part < n_ranges; ++part) {
+      const int64_t nbi = counts[part];
+      if (nbi == 0) continue;
+      const T na = T(n), nb = T(nbi), nt = na + nb;
+      for (int64_t h = 0; h < H; ++h) {
+        const T delta = means[part][h] - pm[h];
+        pm[h] += delta * nb / nt;
+        pv[h] += m2s[part][h] + delta * delta * na * nb / nt;
+      }
+      n += nbi;
+    }
+    if (n > 0)
+      for (int64_t h = 0; h < H; ++h) pv[h] /= T(n);
+  });
+  return {mean, var};
+}
+
+GradTuple attention_pooling_stats_backward_cpu(
+    const at::Tensor& grad_mean, const at::Tensor& grad_var, const at::Tensor& mean, const at::Tensor& query,
+    const at::Tensor& keys, const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& offsets,
+    at::TensorList weights, at::TensorList biases, at::TensorList act_weights, at::TensorList norm_mean,
+    at::TensorList norm_var, at::TensorList norm_weight, at::TensorList norm_bias, c10::string_view activation,
+    double eps) {
+  const Rows r = describe_rows(query, keys, lengths, offsets);
+  const auto acc_s = acc_scalar_type(query.scalar_type());
+  const AccInputs ai = acc_inputs(query, keys);
+  const int64_t H = weights.back().size(0);
+  TORCH_CHECK(grad_mean.numel() == H && grad_var.numel() == H && mean.numel() == H,
+              "attention_pooling_stats_backward: statistics must have ", H, " entries");
+  const at::Tensor gmean = grad_mean.to(acc_s).contiguous();
+  const at::Tensor gvar = grad_var.to(acc_s).contiguous();
+  const at::Tensor mu = mean.to(acc_s).contiguous();
+  at::Tensor gq = at::zeros({r.B * r.C, r.D}, ai.q.options());
+  at::Tensor gk = at::zeros({r.P, r.D}, ai.q.options());
+  GradTuple result;
+  AT_DISPATCH_FLOATING_TYPES(acc_s, "attention_pooling_stats_backward_cpu", [&] {
+    using T = scalar_t;
+    const Mlp<T> m = make_mlp<T>(r.D, weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias,
+                                 std::string(activation), eps);
+    const GradLayout lay = grad_layout(m);
+    const Inputs<T> in{ai.q.data_ptr<T>(), ai.k.data_ptr<T>()};
+    const auto ranges = row_ranges(r);
+    const int64_t n_ranges = static_cast<int64_t>(ranges.size()) - 1;
+    std::vector<std::vector<T>> parts(n_ranges, std::vector<T>(lay.size, T(0)));
+    const T n = T(std::max<int64_t>(r.valid * r.C, 1));
+    const T* pgm = gmean.data_ptr<T>();
+    const T* pgv = gvar.data_ptr<T>();
+    const T* pmu = mu.data_ptr<T>();
+    T* pgk = gk.data_ptr<T>();
+    T* pgq = gq.data_ptr<T>();
+    at::parallel_for(0, n_ranges, 1, [&](int64_t lo, int64_t hi) {
+      Workspace<T> ws(m);
+      for (int64_t part = lo; part < hi; ++part) {
+        T* g = parts[part].data();
+        for_each_tile(r, ranges[part], ranges[part + 1], ws, [&](Workspace<T>& wk) {
+          tile_forward(m, r, in, wk);
+          const T* z = wk.Z[m.L - 1].data();
+          // d mean / dz = 1/n, d var / dz = 2 (z - mean) / n
+          for (int64_t i = 0; i < wk.M; ++i)
+            for (int64_t h = 0; h < H; ++h)
+              wk.dZ[i * H + h] = (pgm[h] + T(2) * pgv[h] * (z[i * H + h] - pmu[h])) / n;
+          tile_backward(m, lay, r, in, wk, g, pgk, pgq);
+        });
+      }
+    });
+    result = finish_grads<T>(m, lay, parts, gq, gk, query, keys, weights, act_weights, norm_mean, norm_weight,
+                             norm_bias);
+  });
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(din_ops, CPU, m) {
+  m.impl("attention_pooling", &attention_pooling_cpu);
+  m.impl("attention_pooling_backward", &attention_pooling_backward_cpu);
+  m.impl("attention_pooling_stats", &attention_pooling_stats_cpu);
+  m.impl("attention_pooling_stats_backward", &attention_pooling_stats_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace din_ops

@@ -1,0 +1,33 @@
+// Run-time lookup of the BLAS routines libtorch links (see common.h).
+#include <dlfcn.h>
+
+#include <cstdlib>
+
+#include "common.h"
+
+namespace din_ops {
+namespace cpu {
+namespace blas {
+
+namespace {
+void* lookup(const char* name) {
+  // DIN_OPS_NO_BLAS=1 forces the plain loops (used to test them).
+  const char* off = std::getenv("DIN_OPS_NO_BLAS");
+  if (off != nullptr && off[0] == '1') return nullptr;
+  return dlsym(RTLD_DEFAULT, name);
+}
+}  // namespace
+
+sgemm_t sgemm() {
+  static const sgemm_t f = reinterpret_cast<sgemm_t>(lookup("sgemm_"));
+  return f;
+}
+
+dgemm_t dgemm() {
+  static const dgemm_t f = reinterpret_cast<dgemm_t>(lookup("dgemm_"));
+  return f;
+}
+
+}  // namespace blas
+}  // namespace cpu
+}  // namespace din_ops
