@@ -260,21 +260,19 @@ struct Workspace {
 
 // Folded layer 0 for one (row, candidate): Abc = (Wk - Wd) + Wp diag(q), cbc = (Wq + Wd) q + b0.
 template <typename T>
-void fold_layer0(const Mlp<T>& m, const T* q, T* Abc, T* cbc) {
+void fold_layer0(const Mlp<T>& m, const T* __restrict q, T* __restrict Abc, T* __restrict cbc) {
   const int64_t H0 = m.H[0], D = m.D;
   const T* Wkd = m.Wkd.template data_ptr<T>();
   const T* Wqd = m.Wqd.template data_ptr<T>();
   const T* b0 = m.bias(0);
   for (int64_t h = 0; h < H0; ++h) {
-    const T* wp = m.Wp + h * 4 * D;
-    T* a = Abc + h * D;
-    const T* wkd = Wkd + h * D;
+    const T* __restrict wp = m.Wp + h * 4 * D;
+    const T* __restrict wkd = Wkd + h * D;
+    const T* __restrict wqd = Wqd + h * D;
+    T* __restrict a = Abc + h * D;
+    for (int64_t d = 0; d < D; ++d) a[d] = wkd[d] + wp[d] * q[d];
     T c = b0[h];
-    const T* wqd = Wqd + h * D;
-    for (int64_t d = 0; d < D; ++d) {
-      a[d] = wkd[d] + wp[d] * q[d];
-      c += wqd[d] * q[d];
-    }
+    for (int64_t d = 0; d < D; ++d) c += wqd[d] * q[d];
     cbc[h] = c;
   }
 }
@@ -457,16 +455,17 @@ void tile_backward(const Mlp<T>& m, const GradLayout& lay, const Rows& r, const 
     std::fill(dc, dc + H0, T(0));
     for (int64_t i = 0; i < s.n; ++i)
       for (int64_t h = 0; h < H0; ++h) dc[h] += dzs[i * H0 + h];
-    T* dq = gq + (s.b * r.C + s.c) * D;
+    T* __restrict dq = gq + (s.b * r.C + s.c) * D;
     for (int64_t h = 0; h < H0; ++h) {
-      const T* dA = ws.dA0.data() + h * D;
-      const T* wp = m.Wp + h * 4 * D;
-      const T* wqd = Wqd + h * D;
-      T* gq_ = gW0 + h * 4 * D;  // columns [0, D): Wq
-      T* gk_ = gq_ + D;          // Wk
-      T* gd_ = gq_ + 2 * D;      // Wd
-      T* gp_ = gq_ + 3 * D;      // Wp
+      const T* __restrict dA = ws.dA0.data() + h * D;
+      const T* __restrict wp = m.Wp + h * 4 * D;
+      const T* __restrict wqd = Wqd + h * D;
+      T* __restrict gq_ = gW0 + h * 4 * D;  // column blocks of W0: q, k, q - k, q * k
+      T* __restrict gk_ = gq_ + D;
+      T* __restrict gd_ = gq_ + 2 * D;
+      T* __restrict gp_ = gq_ + 3 * D;
       const T ch = dc[h];
+#pragma GCC ivdep
       for (int64_t d = 0; d < D; ++d) {
         const T cq = ch * q[d];
         gq_[d] += cq;
