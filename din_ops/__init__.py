@@ -7,6 +7,7 @@
 """
 from ._library import backend, get_backend, set_backend
 from .ops.attention_pooling import attention_pooling
+from . import nn  # noqa: E402  (din_ops.nn.AttentionPooling, ...)
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,490 @@
+"""attention_pooling (SPEC section 1): the C++ CPU path against din_ops.reference.
+
+Every case compares the pooled output, the attention weights and the gradient of every input
+(query, keys, each weight and bias, PReLU/Dice parameters) with the reference's autograd.
+"""
+import itertools
+
+import pytest
+import torch
+
+import din_ops
+from din_ops import reference as R
+
+ops = torch.ops.din_ops
+
+ACTS = ["sigmoid", "relu", "prelu", "identity", "dice", "dice_eval"]
+HIDDEN = [(), (5,), (7, 3), (6, 5, 4)]
+
+
+def make_case(B=4, T=6, D=5, hidden=(5,), C=None, dtype=torch.float64, act="sigmoid", lengths=None,
+              affine=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype)
+
+    q = rnd(B, D) if C is None else rnd(B, C, D)
+    k = rnd(B, T, D)
+    if lengths is None:
+        lengths = torch.randint(0, T + 1, (B,), generator=g)
+    dims = [4 * D] + list(hidden) + [1]
+    W = [rnd(dims[i + 1], dims[i], s=dims[i] ** -0.5) for i in range(len(dims) - 1)]
+    b = [rnd(dims[i + 1], s=0.1) for i in range(len(dims) - 1)]
+    kw = {}
+    params = []
+    if act == "prelu":
+        kw["prelu_weights"] = [rnd(h, s=0.3) for h in hidden]
+        params = kw["prelu_weights"]
+    elif act.startswith("dice"):
+        kw["dice_alpha"] = [rnd(h, s=0.5) for h in hidden]
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        kw["dice_running_mean"] = [rnd(h, s=0.1).to(acc) for h in hidden]
+        kw["dice_running_var"] = [(rnd(h, s=0.1).abs() + 0.5).to(acc) for h in hidden]
+        params = list(kw["dice_alpha"])
+        if affine:
+            kw["dice_gamma"] = [1 + rnd(h, s=0.2) for h in hidden]
+            kw["dice_beta"] = [rnd(h, s=0.2) for h in hidden]
+            params += kw["dice_gamma"] + kw["dice_beta"]
+        kw["training"] = act == "dice"
+    return q, k, lengths.to(torch.int64), W, b, kw, params
+
+
+def leaves_of(q, k, W, b, params):
+    return [q, k, *W, *b, *params]
+
+
+def run(fn, q, k, W, b, kw, params, *, lengths=None, offsets=None, normalization="none", act="sigmoid",
+        scale=1.0, seed=1, w_coef=None):
+    """Forward + backward of a random linear functional of (out, weights); returns all results."""
+    leaves = leaves_of(q, k, W, b, params)
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    nq, nW = 2, len(W)
+    q_, k_ = leaves[0], leaves[1]
+    W_, b_ = leaves[nq:nq + nW], leaves[nq + nW:nq + 2 * nW]
+    rest = leaves[nq + 2 * nW:]
+    kw = dict(kw)
+    # rebind the parameter lists to the fresh leaves
+    it = iter(rest)
+    for name in ("prelu_weights", "dice_alpha", "dice_gamma", "dice_beta"):
+        if name in kw:
+            kw[name] = [next(it) for _ in kw[name]]
+    for name in ("dice_running_mean", "dice_running_var"):
+        if name in kw:
+            kw[name] = [t.clone() for t in kw[name]]
+    activation = "dice" if act.startswith("dice") else act
+    out, w = fn(q_, k_, W_, b_, lengths=lengths, offsets=offsets, activation=activation,
+                normalization=normalization, scale=scale, return_weights=True, **kw)
+    g = torch.Generator().manual_seed(seed)
+    if w_coef is None:
+        w_coef = torch.randn(w.shape, generator=g, dtype=torch.float64)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)).sum() + \
+        (w * w_coef.to(w.dtype)).sum()
+    loss.backward()
+    grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
+    stats = kw.get("dice_running_mean", []) + kw.get("dice_running_var", [])
+    return [out.detach(), w.detach()] + grads + stats
+
+
+def assert_close_all(got, want, rtol, atol, names=None):
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        name = names[i] if names else f"result {i}"
+        assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        torch.testing.assert_close(a.to(b.dtype), b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def to_jagged(k, lengths):
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    return R.padded_to_jagged(k, lengths), offsets
+
+
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("hidden", HIDDEN, ids=str)
+@pytest.mark.parametrize("C", [None, 3])
+def test_matches_reference_float64(layout, normalization, act, hidden, C):
+    q, k, lengths, W, b, kw, params = make_case(B=5, T=7, D=5, hidden=hidden, C=C, act=act)
+    lengths[1] = 0  # an empty row in every case
+    if layout == "jagged":
+        k, offsets = to_jagged(k, lengths)
+        rows = dict(offsets=offsets)
+    else:
+        rows = dict(lengths=lengths)
+    got = run(din_ops.attention_pooling, q, k, W, b, kw, params, normalization=normalization, act=act,
+              scale=0.7, **rows)
+    want = run(R.attention_pooling, q, k, W, b, kw, params, normalization=normalization, act=act, scale=0.7,
+               **rows)
+    assert_close_all(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+@pytest.mark.parametrize("act", ACTS)
+def test_matches_reference_float32(layout, normalization, act):
+    q, k, lengths, W, b, kw, params = make_case(B=6, T=9, D=7, hidden=(11, 5), act=act)
+    if layout == "jagged":
+        k, offsets = to_jagged(k, lengths)
+        rows = dict(offsets=offsets)
+    else:
+        rows = dict(lengths=lengths)
+    want = run(R.attention_pooling, q, k, W, b, kw, params, normalization=normalization, act=act, **rows)
+    f32 = lambda ts: [t.float() for t in ts]  # noqa: E731
+    kw32 = {n: f32(v) if isinstance(v, list) else v for n, v in kw.items()}
+    got = run(din_ops.attention_pooling, q.float(), k.float(), f32(W), f32(b), kw32, f32(params),
+              normalization=normalization, act=act, **rows)
+    assert_close_all(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 8e-2)])
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+def test_half_precision(dtype, tol, normalization):
+    """fp16/bf16 inputs accumulate in fp32; compared with the fp64 reference of the rounded inputs."""
+    q, k, lengths, W, b, kw, params = make_case(B=5, T=8, D=6, hidden=(8, 4), dtype=dtype)
+    got = run(din_ops.attention_pooling, q, k, W, b, kw, params, lengths=lengths, normalization=normalization)
+    up = lambda ts: [t.double() for t in ts]  # noqa: E731
+    want = run(R.attention_pooling, q.double(), k.double(), up(W), up(b), kw, up(params), lengths=lengths,
+               normalization=normalization)
+    for a, w in zip(got, want):
+        assert a.dtype == dtype
+        scale = max(1.0, float(w.abs().max())) if w.numel() else 1.0
+        torch.testing.assert_close(a.double(), w, rtol=tol, atol=tol * scale)
+
+
+def test_padded_and_jagged_identical():
+    q, k, lengths, W, b, kw, params = make_case(B=9, T=13, D=6, hidden=(10, 4), dtype=torch.float32)
+    kj, offsets = to_jagged(k, lengths)
+    mask = R.valid_mask(lengths, 9, 13)
+    coef = torch.randn(9, 13, dtype=torch.float64)
+    for normalization in ["none", "softmax"]:
+        pad = run(din_ops.attention_pooling, q, k, W, b, kw, params, lengths=lengths, normalization=normalization,
+                  w_coef=coef)
+        jag = run(din_ops.attention_pooling, q, kj, W, b, kw, params, offsets=offsets, normalization=normalization,
+                  w_coef=coef[mask])
+        assert torch.equal(pad[0], jag[0])
+        assert torch.equal(pad[1][mask], jag[1])
+        assert torch.equal(pad[2], jag[2])  # query
+        assert torch.equal(pad[3][mask], jag[3])  # keys
+        assert torch.equal(pad[3][~mask], torch.zeros_like(pad[3][~mask]))
+        for a, j in zip(pad[4:], jag[4:]):
+            assert torch.equal(a, j)
+
+
+def test_padding_is_never_read():
+    """Garbage (inf, nan) in the padding changes nothing."""
+    q, k, lengths, W, b, kw, params = make_case(B=6, T=8, D=5, hidden=(6,))
+    lengths[0] = 0
+    clean = run(din_ops.attention_pooling, q, k, W, b, kw, params, lengths=lengths, normalization="softmax")
+    mask = R.valid_mask(lengths, 6, 8)
+    dirty = k.clone()
+    dirty[~mask] = float("nan")
+    dirty[~mask & (torch.arange(8)[None] % 2 == 0)] = float("inf")
+    got = run(din_ops.attention_pooling, q, dirty, W, b, kw, params, lengths=lengths, normalization="softmax")
+    for a, c in zip(got, clean):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+def test_edge_shapes(normalization):
+    cases = [
+        dict(B=0, T=5, D=3),                                          # no rows
+        dict(B=3, T=1, D=4),                                          # T = 1
+        dict(B=3, T=4, D=3, lengths=torch.zeros(3, dtype=torch.int64)),  # all rows empty
+        dict(B=2, T=1000, D=7, lengths=torch.tensor([1000, 997])),    # long rows
+        dict(B=3, T=6, D=1),                                          # D = 1
+    ]
+    for c in cases:
+        q, k, lengths, W, b, kw, params = make_case(hidden=(5, 3), **c)
+        got = run(din_ops.attention_pooling, q, k, W, b, kw, params, lengths=lengths, normalization=normalization)
+        want = run(R.attention_pooling, q, k, W, b, kw, params, lengths=lengths, normalization=normalization)
+        assert_close_all(got, want, rtol=1e-10, atol=1e-10)
+        for t in got:
+            assert torch.isfinite(t).all()
+
+
+def test_lengths_none_and_int32():
+    q, k, lengths, W, b, kw, params = make_case(B=4, T=5, D=3, hidden=(4,))
+    full = torch.full((4,), 5, dtype=torch.int64)
+    a = run(din_ops.attention_pooling, q, k, W, b, kw, params, lengths=None)
+    c = run(din_ops.attention_pooling, q, k, W, b, kw, params, lengths=full)
+    assert_close_all(a, c, rtol=0, atol=0)
+    a = run(din_ops.attention_pooling, q, k, W, b, kw, params, lengths=lengths.int())
+    c = run(din_ops.attention_pooling, q, k, W, b, kw, params, lengths=lengths)
+    assert_close_all(a, c, rtol=0, atol=0)
+
+
+def test_candidates_equal_separate_calls():
+    """query [B, C, D] gives what C separate [B, D] calls give."""
+    q, k, lengths, W, b, kw, params = make_case(B=5, T=6, D=4, hidden=(6,), C=3)
+    out, w = din_ops.attention_pooling(q, k, W, b, lengths=lengths, return_weights=True, normalization="softmax")
+    for c in range(3):
+        oc, wc = din_ops.attention_pooling(q[:, c], k, W, b, lengths=lengths, return_weights=True,
+                                           normalization="softmax")
+        torch.testing.assert_close(out[:, c], oc, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(w[:, c], wc, rtol=1e-12, atol=1e-12)
+
+
+def test_dice_running_statistics_match_reference():
+    q, k, lengths, W, b, kw, params = make_case(B=6, T=7, D=4, hidden=(6, 3), act="dice")
+    rm_a = [t.clone() for t in kw["dice_running_mean"]]
+    rv_a = [t.clone() for t in kw["dice_running_var"]]
+    rm_b = [t.clone() for t in rm_a]
+    rv_b = [t.clone() for t in rv_a]
+    common = dict(lengths=lengths, activation="dice", dice_alpha=kw["dice_alpha"], training=True, momentum=0.3)
+    din_ops.attention_pooling(q, k, W, b, dice_running_mean=rm_a, dice_running_var=rv_a, **common)
+    R.attention_pooling(q, k, W, b, dice_running_mean=rm_b, dice_running_var=rv_b, **common)
+    for a, c, orig in zip(rm_a + rv_a, rm_b + rv_b, kw["dice_running_mean"] + kw["dice_running_var"]):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+        assert not torch.equal(a, orig)
+
+
+def test_deterministic_across_runs_and_threads():
+    q, k, lengths, W, b, kw, params = make_case(B=70, T=30, D=8, hidden=(16, 8), dtype=torch.float32)
+    first = run(din_ops.attention_pooling, q, k, W, b, kw, params, lengths=lengths, normalization="softmax")
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            again = run(din_ops.attention_pooling, q, k, W, b, kw, params, lengths=lengths,
+                        normalization="softmax")
+            for a, c in zip(first, again):
+                assert torch.equal(a, c)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "prelu", "dice", "dice_eval"])
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_gradcheck(act, layout):
+    q, k, lengths, W, b, kw, params = make_case(B=3, T=4, D=3, hidden=(4, 3), C=2 if act == "sigmoid" else None,
+                                                act=act)
+    lengths = torch.tensor([4, 0, 2])
+    rows = dict(lengths=lengths)
+    if layout == "jagged":
+        k, offsets = to_jagged(k, lengths)
+        rows = dict(offsets=offsets)
+    leaves = [t.detach().clone().requires_grad_() for t in leaves_of(q, k, W, b, params)]
+    nW = len(W)
+    kw = {n: v for n, v in kw.items() if n not in ("prelu_weights", "dice_alpha", "dice_gamma", "dice_beta")}
+
+    def f(*ts):
+        q_, k_ = ts[0], ts[1]
+        W_, b_ = list(ts[2:2 + nW]), list(ts[2 + nW:2 + 2 * nW])
+        rest = list(ts[2 + 2 * nW:])
+        extra = dict(kw)
+        if act == "prelu":
+            extra["prelu_weights"] = rest
+        elif act.startswith("dice"):
+            n = len(rest) // 3
+            extra.update(dice_alpha=rest[:n], dice_gamma=rest[n:2 * n], dice_beta=rest[2 * n:])
+            extra["dice_running_mean"] = [t.clone() for t in kw["dice_running_mean"]]
+            extra["dice_running_var"] = [t.clone() for t in kw["dice_running_var"]]
+        return din_ops.attention_pooling(q_, k_, W_, b_, activation="dice" if act.startswith("dice") else act,
+                                         normalization="softmax", return_weights=True, **rows, **extra)
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7)
+
+
+def _op_args(act="sigmoid", layout="padded", C=None, dtype=torch.float64):
+    q, k, lengths, W, b, kw, params = make_case(B=4, T=5, D=3, hidden=(4, 3), C=C, act=act, dtype=dtype)
+    lengths[2] = 0
+    offsets = None
+    if layout == "jagged":
+        k, offsets = to_jagged(k, lengths)
+        lengths = None
+    for t in [q, k, *W, *b, *params]:
+        t.requires_grad_()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    act_w = kw.get("prelu_weights", kw.get("dice_alpha", []))
+    if act.startswith("dice"):
+        mean = [t.to(acc) for t in kw["dice_running_mean"]]
+        var = [t.to(acc) for t in kw["dice_running_var"]]
+        gam, bet = kw.get("dice_gamma", []), kw.get("dice_beta", [])
+    else:
+        mean = var = gam = bet = []
+    return q, k, lengths, offsets, W, b, act_w, mean, var, gam, bet
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "prelu", "dice"])
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_opcheck(act, layout):
+    q, k, lengths, offsets, W, b, act_w, mean, var, gam, bet = _op_args(act, layout, C=2 if act == "prelu" else None)
+    activation = act
+    for normalization in ["none", "softmax"]:
+        args = (q, k, lengths, offsets, W, b, act_w, mean, var, gam, bet, activation, normalization, 0.5, 1e-8)
+        torch.library.opcheck(ops.attention_pooling, args)
+        out, attn = ops.attention_pooling(*args)
+        bargs = (torch.randn_like(out), torch.randn_like(attn), attn.detach(), q.detach(), k.detach(), lengths,
+                 offsets, [t.detach() for t in W], [t.detach() for t in b], [t.detach() for t in act_w], mean, var,
+                 [t.detach() for t in gam], [t.detach() for t in bet], activation, normalization, 0.5, 1e-8)
+        torch.library.opcheck(ops.attention_pooling_backward, bargs,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    if act == "dice":
+        n_hidden = len(W) - 1
+        mean_g = [t.clone().requires_grad_() for t in mean]
+        var_g = [t.clone().requires_grad_() for t in var]
+        sargs = (q, k, lengths, offsets, W[:n_hidden], b[:n_hidden], act_w[:n_hidden - 1], mean_g[:n_hidden - 1],
+                 var_g[:n_hidden - 1], gam[:n_hidden - 1], bet[:n_hidden - 1], "dice", 1e-8)
+        torch.library.opcheck(ops.attention_pooling_stats, sargs)
+        m, v = ops.attention_pooling_stats(*sargs)
+        det = lambda ts: [t.detach() for t in ts]  # noqa: E731
+        bsargs = (torch.randn_like(m), torch.randn_like(v), m.detach(), q.detach(), k.detach(), lengths, offsets,
+                  det(sargs[4]), det(sargs[5]), det(sargs[6]), det(sargs[7]), det(sargs[8]), det(sargs[9]),
+                  det(sargs[10]), "dice", 1e-8)
+        torch.library.opcheck(ops.attention_pooling_stats_backward, bsargs,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "dice"])
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_torch_compile_fullgraph(activation, layout):
+    torch.manual_seed(0)
+    mod = din_ops.nn.AttentionPooling(6, (8, 4), activation=activation, normalization="softmax").double()
+    q = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(5, 7, 6, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([7, 0, 3, 1, 5])
+    rows = dict(lengths=lengths)
+    if layout == "jagged":
+        kj, offsets = to_jagged(k.detach(), lengths)
+        k = kj.requires_grad_()
+        rows = dict(offsets=offsets)
+    eager_mod = __import__("copy").deepcopy(mod)
+    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, **rows)
+    out.square().sum().backward()
+    gq, gk = q.grad.clone(), k.grad.clone()
+    gw = [p.grad.clone() for p in mod.parameters()]
+    q.grad = k.grad = None
+    ref = eager_mod(q, k, **rows)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gq, q.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gk, k.grad, rtol=1e-12, atol=1e-12)
+    for a, p in zip(gw, eager_mod.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-12, atol=1e-12)
+    for a, c in zip(mod.buffers(), eager_mod.buffers()):
+        torch.testing.assert_close(a, c)
+
+
+def test_module_matches_functional_reference():
+    torch.manual_seed(0)
+    for activation in ["sigmoid", "prelu", "dice"]:
+        mod = din_ops.nn.AttentionPooling(5, (6, 3), activation=activation).double()
+        q = torch.randn(4, 5, dtype=torch.float64)
+        k = torch.randn(4, 6, 5, dtype=torch.float64)
+        lengths = torch.tensor([6, 2, 0, 4])
+        out = mod(q, k, lengths=lengths)
+        W = [l.weight for l in mod.layers] + [mod.output.weight]
+        b = [l.bias for l in mod.layers] + [mod.output.bias]
+        kw = {}
+        if activation == "prelu":
+            kw["prelu_weights"] = [p.weight for p in mod.prelu]
+        if activation == "dice":
+            kw.update(dice_alpha=[d.alpha for d in mod.dice],
+                      dice_running_mean=[torch.zeros(h, dtype=torch.float64) for h in (6, 3)],
+                      dice_running_var=[torch.ones(h, dtype=torch.float64) for h in (6, 3)])
+        ref = R.attention_pooling(q, k, W, b, lengths=lengths, activation=activation, **kw)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+# --- bad input -----------------------------------------------------------------------------------
+def _good():
+    q, k, lengths, W, b, kw, params = make_case(B=3, T=4, D=5, hidden=(6,), dtype=torch.float32)
+    return dict(query=q, keys=k, weights=W, biases=b, lengths=lengths)
+
+
+def _call(**over):
+    a = _good()
+    a.update(over)
+    extra = {n: a.pop(n) for n in list(a) if n not in ("query", "keys", "weights", "biases")}
+    return din_ops.attention_pooling(a["query"], a["keys"], a["weights"], a["biases"], **extra)
+
+
+BAD = {
+    "query_dims": (dict(query=torch.randn(3)), "query"),
+    "query_int": (dict(query=torch.ones(3, 5, dtype=torch.int64)), "query"),
+    "keys_width": (dict(keys=torch.randn(3, 4, 6)), "keys"),
+    "keys_batch": (dict(keys=torch.randn(2, 4, 5)), "keys"),
+    "keys_dtype": (dict(keys=torch.randn(3, 4, 5, dtype=torch.float64)), "keys"),
+    "lengths_negative": (dict(lengths=torch.tensor([1, -1, 2])), "lengths"),
+    "lengths_above_T": (dict(lengths=torch.tensor([1, 5, 2])), "lengths"),
+    "lengths_shape": (dict(lengths=torch.tensor([1, 2])), "lengths"),
+    "lengths_float": (dict(lengths=torch.tensor([1.0, 2.0, 3.0])), "lengths"),
+    "offsets_with_padded": (dict(offsets=torch.tensor([0, 1, 2, 3])), "offsets"),
+    "weights_shape": (dict(weights=[torch.randn(6, 19), torch.randn(1, 6)]), "weights[0]"),
+    "output_layer": (dict(weights=[torch.randn(6, 20), torch.randn(2, 6)], biases=[torch.randn(6), torch.randn(2)]),
+                     "weights[1]"),
+    "bias_shape": (dict(biases=[torch.randn(5), torch.randn(1)]), "biases[0]"),
+    "list_lengths": (dict(biases=[torch.randn(6)]), "biases"),
+    "weight_dtype": (dict(weights=[torch.randn(6, 20, dtype=torch.float64), torch.randn(1, 6)]), "weights[0]"),
+    "activation": (dict(activation="tanh"), "activation"),
+    "normalization": (dict(normalization="sparsemax"), "normalization"),
+    "prelu_missing": (dict(activation="prelu"), "prelu_weights"),
+    "prelu_shape": (dict(activation="prelu", prelu_weights=[torch.randn(4)]), "prelu alpha[0]"),
+    "dice_missing": (dict(activation="dice"), "dice_alpha"),
+    "dice_eval_stats": (dict(activation="dice", dice_alpha=[torch.zeros(6)], training=False), "dice_running_mean"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_names_argument(case):
+    over, name = BAD[case]
+    with pytest.raises((ValueError, TypeError), match=__import__("re").escape(name)):
+        _call(**over)
+
+
+def test_bad_jagged_offsets():
+    q = torch.randn(3, 5)
+    k = torch.randn(6, 5)
+    W, b = [torch.randn(1, 20)], [torch.randn(1)]
+    for offsets, msg in [
+        (None, "offsets"),
+        (torch.tensor([0, 2, 4]), "offsets"),           # B + 1 entries expected
+        (torch.tensor([1, 2, 4, 6]), r"offsets\[0\]"),
+        (torch.tensor([0, 2, 4, 5]), r"offsets\[-1\]"),
+        (torch.tensor([0, 4, 2, 6]), "non-decreasing"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            din_ops.attention_pooling(q, k, W, b, offsets=offsets)
+    with pytest.raises(ValueError, match="lengths"):
+        din_ops.attention_pooling(q, k, W, b, offsets=torch.tensor([0, 2, 4, 6]), lengths=torch.tensor([1, 1, 1]))
+
+
+def test_kernel_rechecks_values_when_called_directly():
+    """Calling the registered op directly (no Python checks) still cannot read out of bounds."""
+    q, k = torch.randn(2, 3), torch.randn(2, 4, 3)
+    W, b = [torch.randn(1, 12)], [torch.randn(1)]
+    with pytest.raises(RuntimeError, match="lengths"):
+        ops.attention_pooling(q, k, torch.tensor([5, 1]), None, W, b, [], [], [], [], [], "sigmoid", "none", 1.0, 1e-8)
+    with pytest.raises(RuntimeError, match="offsets"):
+        ops.attention_pooling(q, torch.randn(4, 3), None, torch.tensor([0, 3, 9]), W, b, [], [], [], [], [],
+                              "sigmoid", "none", 1.0, 1e-8)
+
+
+def test_blas_fallback_matches(tmp_path):
+    """The plain-loop GEMM used when libtorch exports no BLAS gives the same results."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent("""
+        import torch, din_ops
+        torch.manual_seed(0)
+        q = torch.randn(5, 2, 6, dtype=torch.float64); k = torch.randn(5, 9, 6, dtype=torch.float64)
+        W = [torch.randn(7, 24, dtype=torch.float64), torch.randn(1, 7, dtype=torch.float64)]
+        b = [torch.randn(7, dtype=torch.float64), torch.randn(1, dtype=torch.float64)]
+        ts = [q, k] + W + b
+        for t in ts: t.requires_grad_()
+        out = din_ops.attention_pooling(q, k, W, b, lengths=torch.tensor([9, 0, 3, 4, 1]))
+        out.square().sum().backward()
+        torch.save([out.detach()] + [t.grad for t in ts], %r)
+    """)
+    results = []
+    for flag in ("0", "1"):
+        path = tmp_path / f"r{flag}.pt"
+        env = dict(__import__("os").environ, DIN_OPS_NO_BLAS=flag)
+        subprocess.run([sys.executable, "-c", script % str(path)], check=True, env=env)
+        results.append(torch.load(path))
+    for a, c in zip(*results):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
