@@ -1,0 +1,152 @@
+"""Providers for benchmarking attention_pooling: the same DIN attention computed four ways.
+
+- ``eager``: what DeepCTR-Torch's ``AttentionSequencePoolingLayer`` / torch-rechub's
+  ``ActivationUnit`` run: expand the query, cat ``[q, k, q-k, q*k]`` to ``[B, T, 4D]``,
+  ``nn.Linear`` layers over every padded position, mask, bmm.
+- ``compile``: ``torch.compile`` of ``eager``.
+- ``careful``: the best plain PyTorch a careful user writes: valid positions only (gathered),
+  the first layer folded so no ``[N, 4D]`` tensor exists, ``index_add`` pooling.
+- ``din_ops``: the fused op.
+
+Every provider takes the same :class:`Case` and returns ``out [B, D]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import din_ops
+
+
+@dataclasses.dataclass
+class Case:
+    query: torch.Tensor          # [B, D]
+    keys: torch.Tensor           # [B, T, D]
+    lengths: torch.Tensor        # [B]
+    weights: List[torch.Tensor]  # nn.Linear layout, last is [1, H]
+    biases: List[torch.Tensor]
+    activation: str = "sigmoid"
+    normalization: str = "none"
+
+    @property
+    def shape(self):
+        B, T, D = self.keys.shape
+        return dict(B=B, T=T, D=D, H="x".join(str(w.shape[0]) for w in self.weights[:-1]))
+
+    def params(self) -> List[torch.Tensor]:
+        return [self.query, self.keys, *self.weights, *self.biases]
+
+
+def make_case(B=2048, T=100, D=36, hidden=(80, 40), activation="sigmoid", normalization="none",
+              dtype=torch.float32, device="cpu", min_len=1, seed=0, requires_grad=False) -> Case:
+    """Random DIN inputs; lengths uniform in [min_len, T]."""
+    g = torch.Generator().manual_seed(seed)
+    dims = [4 * D, *hidden, 1]
+
+    def t(*shape, s=1.0):
+        x = (torch.randn(*shape, generator=g) * s).to(device=device, dtype=dtype)
+        return x.requires_grad_(requires_grad)
+
+    return Case(
+        query=t(B, D), keys=t(B, T, D),
+        lengths=torch.randint(min_len, T + 1, (B,), generator=g).to(device),
+        weights=[t(dims[i + 1], dims[i], s=dims[i] ** -0.5) for i in range(len(dims) - 1)],
+        biases=[t(dims[i + 1], s=0.1) for i in range(len(dims) - 1)],
+        activation=activation, normalization=normalization,
+    )
+
+
+_ACT = {"sigmoid": torch.sigmoid, "relu": torch.relu, "identity": lambda x: x}
+
+
+def eager(c: Case) -> torch.Tensor:
+    """DeepCTR-Torch's formulation (LocalActivationUnit + AttentionSequencePoolingLayer)."""
+    query, keys = c.query.unsqueeze(1), c.keys
+    B, T, _ = keys.shape
+    queries = query.expand(-1, T, -1)
+    x = torch.cat([queries, keys, queries - keys, queries * keys], dim=-1)  # [B, T, 4D]
+    act = _ACT[c.activation]
+    for W, b in zip(c.weights[:-1], c.biases[:-1]):
+        x = act(F.linear(x, W, b))
+    score = F.linear(x, c.weights[-1], c.biases[-1]).transpose(1, 2)  # [B, 1, T]
+    mask = (torch.arange(T, device=keys.device).repeat(B, 1) < c.lengths.view(-1, 1)).unsqueeze(1)
+    if c.normalization == "softmax":
+        score = torch.where(mask, score, torch.full_like(score, -2 ** 32 + 1))
+        score = F.softmax(score, dim=-1)
+    else:
+        score = torch.where(mask, score, torch.zeros_like(score))
+    return torch.matmul(score, keys).squeeze(1)
+
+
+def careful(c: Case) -> torch.Tensor:
+    """Valid positions only, first layer folded: W0 [q,k,q-k,q*k] = (Wq+Wd) q + (Wk-Wd) k + Wp (q*k)."""
+    query, keys, lengths = c.query, c.keys, c.lengths
+    B, T, D = keys.shape
+    mask = torch.arange(T, device=keys.device)[None, :] < lengths[:, None]
+    kv = keys[mask]                                                   # [N, D]
+    row = torch.repeat_interleave(torch.arange(B, device=keys.device), lengths, output_size=kv.shape[0])
+    W0, b0 = c.weights[0], c.biases[0]
+    Wq, Wk, Wd, Wp = W0.split(D, dim=1)
+    per_row = F.linear(query, Wq + Wd, b0)                            # [B, H0]
+    qv = query[row]                                                   # [N, D]
+    h = F.linear(kv, Wk - Wd) + F.linear(qv * kv, Wp) + per_row[row]
+    act = _ACT[c.activation]
+    if len(c.weights) > 1:
+        h = act(h)
+        for W, b in zip(c.weights[1:-1], c.biases[1:-1]):
+            h = act(F.linear(h, W, b))
+        s = F.linear(h, c.weights[-1], c.biases[-1]).squeeze(-1)      # [N]
+    else:
+        s = h.squeeze(-1)
+    if c.normalization == "softmax":
+        m = torch.full((B,), float("-inf"), device=s.device, dtype=s.dtype).scatter_reduce(
+            0, row, s, reduce="amax", include_self=True)
+        e = torch.exp(s - m[row])
+        s = e / torch.zeros(B, device=s.device, dtype=s.dtype).index_add(0, row, e)[row]
+    return torch.zeros(B, D, device=keys.device, dtype=keys.dtype).index_add(0, row, s[:, None] * kv)
+
+
+def fused(c: Case) -> torch.Tensor:
+    return din_ops.attention_pooling(c.query, c.keys, c.weights, c.biases, lengths=c.lengths,
+                                     activation=c.activation, normalization=c.normalization)
+
+
+_compiled: Dict[str, Callable] = {}
+
+
+def compiled(c: Case) -> torch.Tensor:
+    if "eager" not in _compiled:
+        _compiled["eager"] = torch.compile(eager, dynamic=False)
+    return _compiled["eager"](c)
+
+
+PROVIDERS: Dict[str, Callable[[Case], torch.Tensor]] = {
+    "eager": eager,
+    "compile": compiled,
+    "careful": careful,
+    "din_ops": fused,
+}
+
+
+def flops(c: Case, mode: str, valid_only: bool = True) -> float:
+    """Useful FLOPs of the attention unit (valid positions, folded first layer): what din_ops must do."""
+    B, T, D = c.keys.shape
+    n = float(c.lengths.sum()) if valid_only else float(B * T)
+    dims = [w.shape[0] for w in c.weights]
+    per_pos = 2 * D * dims[0] + 2 * D  # folded layer 0 + pooling
+    for i in range(1, len(dims)):
+        per_pos += 2 * dims[i - 1] * dims[i]
+    f = n * per_pos
+    return f * 3 if mode == "fwd+bwd" else f
+
+
+def bytes_moved(c: Case, mode: str) -> float:
+    """Fewest bytes: read the valid keys and the queries once, write the outputs (x2 + key grads for backward)."""
+    B, T, D = c.keys.shape
+    e = c.keys.element_size()
+    n = float(c.lengths.sum())
+    fwd = (n * D + 2 * B * D) * e
+    return fwd * 2 + n * D * e if mode == "fwd+bwd" else fwd
