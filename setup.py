@@ -22,9 +22,11 @@ def extension():
         cxx += ["-march=native"]
     extra = {"cxx": cxx}
     # CUDA sources only where torch itself was built with CUDA: the CPU wheel cannot link them.
-    use_cuda = torch.version.cuda is not None and os.environ.get("DIN_OPS_NO_CUDA", "0") != "1"
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    use_cuda = (torch.version.cuda is not None and cuda_sources
+                and os.environ.get("DIN_OPS_NO_CUDA", "0") != "1")
     if use_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += cuda_sources
         extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
         return CUDAExtension(
             "din_ops._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
