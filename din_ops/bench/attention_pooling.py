@@ -3,7 +3,7 @@
 - ``eager``: what DeepCTR-Torch's ``AttentionSequencePoolingLayer`` / torch-rechub's
   ``ActivationUnit`` run: expand the query, cat ``[q, k, q-k, q*k]`` to ``[B, T, 4D]``,
   ``nn.Linear`` layers over every padded position, mask, bmm.
-- ``compile``: ``torch.compile`` of ``eager``.
+- ``compile``: ``torch.compile`` of ``eager`` (one static graph per shape).
 - ``careful``: the best plain PyTorch a careful user writes: valid positions only (gathered),
   the first layer folded so no ``[N, 4D]`` tensor exists, ``index_add`` pooling.
 - ``din_ops``: the fused op.
@@ -13,12 +13,15 @@ Every provider takes the same :class:`Case` and returns ``out [B, D]``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 import din_ops
+from din_ops import reference as R
+
+from .common import OpBench, compile_fn, upcast
 
 
 @dataclasses.dataclass
@@ -30,6 +33,11 @@ class Case:
     biases: List[torch.Tensor]
     activation: str = "sigmoid"
     normalization: str = "none"
+    grad_out: Optional[torch.Tensor] = None  # [B, D], the output gradient of fwd+bwd
+
+    @property
+    def dtype(self):
+        return self.keys.dtype
 
     @property
     def shape(self):
@@ -42,7 +50,8 @@ class Case:
 
 def make_case(B=2048, T=100, D=36, hidden=(80, 40), activation="sigmoid", normalization="none",
               dtype=torch.float32, device="cpu", min_len=1, seed=0, requires_grad=False) -> Case:
-    """Random DIN inputs; lengths uniform in [min_len, T]."""
+    """Random DIN inputs; lengths uniform in [min_len, T]. Drawn on the CPU, then moved, so every
+    device sees the same numbers."""
     g = torch.Generator().manual_seed(seed)
     dims = [4 * D, *hidden, 1]
 
@@ -50,13 +59,15 @@ def make_case(B=2048, T=100, D=36, hidden=(80, 40), activation="sigmoid", normal
         x = (torch.randn(*shape, generator=g) * s).to(device=device, dtype=dtype)
         return x.requires_grad_(requires_grad)
 
-    return Case(
+    case = Case(
         query=t(B, D), keys=t(B, T, D),
         lengths=torch.randint(min_len, T + 1, (B,), generator=g).to(device),
         weights=[t(dims[i + 1], dims[i], s=dims[i] ** -0.5) for i in range(len(dims) - 1)],
         biases=[t(dims[i + 1], s=0.1) for i in range(len(dims) - 1)],
         activation=activation, normalization=normalization,
     )
+    case.grad_out = torch.randn(B, D, generator=g).to(device=device, dtype=dtype)
+    return case
 
 
 _ACT = {"sigmoid": torch.sigmoid, "relu": torch.relu, "identity": lambda x: x}
@@ -74,6 +85,8 @@ def eager(c: Case) -> torch.Tensor:
     score = F.linear(x, c.weights[-1], c.biases[-1]).transpose(1, 2)  # [B, 1, T]
     mask = (torch.arange(T, device=keys.device).repeat(B, 1) < c.lengths.view(-1, 1)).unsqueeze(1)
     if c.normalization == "softmax":
+        # DeepCTR's padding value: a row with no valid position gets uniform weights over its
+        # padding here (the SPEC says zeros), so benchmark cases have lengths >= 1.
         score = torch.where(mask, score, torch.full_like(score, -2 ** 32 + 1))
         score = F.softmax(score, dim=-1)
     else:
@@ -119,7 +132,7 @@ _compiled: Dict[str, Callable] = {}
 
 def compiled(c: Case) -> torch.Tensor:
     if "eager" not in _compiled:
-        _compiled["eager"] = torch.compile(eager, dynamic=False)
+        _compiled["eager"] = compile_fn(eager)
     return _compiled["eager"](c)
 
 
@@ -131,22 +144,76 @@ PROVIDERS: Dict[str, Callable[[Case], torch.Tensor]] = {
 }
 
 
+def reference(c: Case) -> torch.Tensor:
+    return R.attention_pooling(c.query, c.keys, c.weights, c.biases, lengths=c.lengths,
+                               activation=c.activation, normalization=c.normalization)
+
+
 def flops(c: Case, mode: str, valid_only: bool = True) -> float:
-    """Useful FLOPs of the attention unit (valid positions, folded first layer): what din_ops must do."""
+    """Useful FLOPs of the attention unit (valid positions, folded first layer): what din_ops must
+    do. Forward: per valid position ``2*D*H1`` (folded layer 0, plus ``D`` for ``q*k``), the
+    other layers, ``2*D`` for pooling; per row the folded query term ``2*4D*H1``.
+    ``fwd+bwd`` counts 3x forward (the usual input-gradient + weight-gradient convention)."""
     B, T, D = c.keys.shape
     n = float(c.lengths.sum()) if valid_only else float(B * T)
     dims = [w.shape[0] for w in c.weights]
-    per_pos = 2 * D * dims[0] + 2 * D  # folded layer 0 + pooling
+    per_pos = 2 * D * dims[0] + D + 2 * D
     for i in range(1, len(dims)):
         per_pos += 2 * dims[i - 1] * dims[i]
-    f = n * per_pos
+    f = n * per_pos + B * 2 * (2 * D) * dims[0]
     return f * 3 if mode == "fwd+bwd" else f
 
 
 def bytes_moved(c: Case, mode: str) -> float:
-    """Fewest bytes: read the valid keys and the queries once, write the outputs (x2 + key grads for backward)."""
+    """Fewest bytes: read the valid keys and the queries once and write the outputs; fwd+bwd
+    also reads the keys and the output gradient again and writes the key and query gradients."""
     B, T, D = c.keys.shape
     e = c.keys.element_size()
     n = float(c.lengths.sum())
     fwd = (n * D + 2 * B * D) * e
     return fwd * 2 + n * D * e if mode == "fwd+bwd" else fwd
+
+
+class AttentionBench(OpBench):
+    name = "attention_pooling"
+    providers = PROVIDERS
+
+    def case_key(self, shape):
+        return (shape["B"], shape["T"], shape["D"], tuple(shape["hidden"]))
+
+    def make_case(self, shape, dtype, device, seed=0):
+        return make_case(B=shape["B"], T=shape["T"], D=shape["D"], hidden=tuple(shape["hidden"]),
+                         activation=shape.get("activation", "sigmoid"),
+                         normalization=shape.get("normalization", "none"),
+                         dtype=dtype, device=device, seed=seed, requires_grad=True)
+
+    def shape_dict(self, c):
+        s = c.shape
+        return dict(B=s["B"], T=s["T"], D=s["D"], H=s["H"])
+
+    def shape_str(self, c):
+        s = c.shape
+        return f"B={s['B']} T={s['T']} D={s['D']} H={s['H']}"
+
+    def inputs(self, c):
+        return c.params()
+
+    def reference(self, c, mode):
+        ref = dataclasses.replace(
+            c, query=upcast(c.query), keys=upcast(c.keys), weights=[upcast(w) for w in c.weights],
+            biases=[upcast(b) for b in c.biases])
+        if mode != "fwd+bwd":
+            with torch.no_grad():
+                return reference(ref), None
+        out = reference(ref)
+        grads = torch.autograd.grad(out, ref.params(), c.grad_out.to(out.dtype))
+        return out.detach(), [g.detach() for g in grads]
+
+    def flops(self, c, mode):
+        return flops(c, mode)
+
+    def bytes_moved(self, c, mode):
+        return bytes_moved(c, mode)
+
+
+BENCH = AttentionBench()
