@@ -7,6 +7,7 @@
 """
 from ._library import backend, get_backend, set_backend
 from .ops.attention_pooling import attention_pooling
+from .ops.dice import dice
 from . import nn  # noqa: E402  (din_ops.nn.AttentionPooling, ...)
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "attention_pooling",
     "backend",
+    "dice",
     "get_backend",
     "set_backend",
 ]

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from .ops.attention_pooling import ACTIVATIONS, attention_pooling
+from .ops.dice import dice
 
-__all__ = ["AttentionPooling"]
+__all__ = ["AttentionPooling", "Dice"]
 
 
 class AttentionPooling(nn.Module):
@@ -90,3 +91,42 @@ class AttentionPooling(nn.Module):
         hidden = [l.out_features for l in self.layers]
         return (f"embed_dim={self.embed_dim}, hidden_units={tuple(hidden)}, activation={self.activation!r}, "
                 f"normalization={self.normalization!r}, scale={self.scale}")
+
+
+class Dice(nn.Module):
+    """Dice (paper section 2.2) with statistics over the valid rows only (:func:`din_ops.dice`).
+
+    ``alpha`` starts at 0; with ``affine=True`` a ``gamma`` (ones) and ``beta`` (zeros) are applied
+    to the normalized value before the sigmoid (DeepCTR-Torch's ``BatchNorm1d(affine=True)``).
+    ``running_mean`` (zeros) and ``running_var`` (ones) are updated in training like
+    ``BatchNorm1d`` and used in eval mode.
+
+    ``forward(x, lengths=None, offsets=None)``: ``x [N, C]``, ``[B, T, C]`` with ``lengths``, or
+    jagged ``[N, C]`` with ``offsets``; returns ``y`` shaped like ``x``.
+    """
+
+    def __init__(self, num_features: int, affine: bool = False, eps: float = 1e-8, momentum: float = 0.1,
+                 device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.affine = affine
+        self.eps = eps
+        self.momentum = momentum
+        self.alpha = nn.Parameter(torch.zeros(num_features, **factory))
+        if affine:
+            self.gamma = nn.Parameter(torch.ones(num_features, **factory))
+            self.beta = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_parameter("gamma", None)
+            self.register_parameter("beta", None)
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+
+    def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+                offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return dice(x, self.alpha, self.running_mean, self.running_var, lengths=lengths, offsets=offsets,
+                    gamma=self.gamma, beta=self.beta, training=self.training, momentum=self.momentum, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, affine={self.affine}, eps={self.eps}, momentum={self.momentum}"

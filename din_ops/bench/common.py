@@ -96,10 +96,15 @@ class OpBench:
         """The tensors whose gradients ``fwd+bwd`` computes."""
         raise NotImplementedError
 
-    def reference(self, case, mode: str):
+    def reference(self, case, mode: str, kind: str = "spec"):
         """``(out, grads)`` of the reference on upcast copies of the case's inputs (grads only
-        for ``fwd+bwd``)."""
+        for ``fwd+bwd``). ``kind`` names the semantics (see :meth:`reference_kind`)."""
         raise NotImplementedError
+
+    def reference_kind(self, provider: str, mode: str) -> str:
+        """The semantics a provider implements: ``"spec"`` (SPEC.md), or another name the op's
+        :meth:`reference` knows (e.g. DeepCTR's Dice, whose statistics include padding)."""
+        return "spec"
 
     def flops(self, case, mode: str) -> float:
         raise NotImplementedError
@@ -136,7 +141,7 @@ class OpBench:
         """``(error, tolerance)``: the provider's output (and gradients for ``fwd+bwd``) against
         the reference, as the largest relative L2 error. Also serves as the warm-up call."""
         fn = self.providers[provider]
-        ref_out, ref_grads = self._reference_cached(case, mode)
+        ref_out, ref_grads = self._reference_cached(case, mode, self.reference_kind(provider, mode))
         if mode == "fwd+bwd":
             out = self.forward(fn, case, mode)
             grads = torch.autograd.grad(out, self.inputs(case), case.grad_out)
@@ -148,11 +153,11 @@ class OpBench:
             err = rel_err(self.forward(fn, case, mode), ref_out)
         return err, TOLERANCE[case.dtype]
 
-    def _reference_cached(self, case, mode):
+    def _reference_cached(self, case, mode, kind):
         cache = case.__dict__.setdefault("_ref_cache", {})
-        if mode not in cache:
-            cache[mode] = self.reference(case, mode)
-        return cache[mode]
+        if (mode, kind) not in cache:
+            cache[(mode, kind)] = self.reference(case, mode, kind) if kind != "spec" else self.reference(case, mode)
+        return cache[(mode, kind)]
 
 
 # --- timing -----------------------------------------------------------------------------------

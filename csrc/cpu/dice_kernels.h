@@ -1,0 +1,207 @@
+// Row loops of the Dice CPU kernels (SPEC section 2), included by dice.cpp once per instruction
+// set inside `namespace DICE_ISA` under a matching `#pragma GCC target`, so one portable binary
+// carries AVX-512, AVX2 and baseline builds of the same code. No include guard on purpose.
+// The loops are written for the compiler's vectorizer: the channel dimension is innermost and
+// contiguous, the sigmoid's exp is branch-free arithmetic (see vexp).
+
+namespace DICE_ISA {
+
+inline float f32_from_bits(uint32_t b) {
+  float f;
+  __builtin_memcpy(&f, &b, sizeof(f));
+  return f;
+}
+inline uint32_t f32_to_bits(float f) {
+  uint32_t b;
+  __builtin_memcpy(&b, &f, sizeof(b));
+  return b;
+}
+
+// exp(x) for float as straight-line arithmetic (Cephes' expf polynomial, error ~1 ulp), so the
+// channel loops vectorize; std::exp is a library call that the vectorizer cannot see through.
+inline float vexp(float x) {
+  // |x| <= 88 (exp(88) < FLT_MAX; exp(-88) flushes to 0 below) as an unsigned min on the bits:
+  // a float min/max (or std::min) here is a branch to GCC without -ffinite-math-only, and the
+  // branch stops the AVX2 vectorizer
+  const uint32_t b = f32_to_bits(x);
+  const uint32_t mag = b & 0x7FFFFFFFu;
+  x = f32_from_bits((mag < 0x42B00000u ? mag : 0x42B00000u) | (b & 0x80000000u));
+  // round-to-nearest through the 1.5 * 2^23 trick: no rint() call, vectorizes on every ISA
+  const float t = x * 1.44269504088896341f + 12582912.0f;
+  const float n = t - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * f32_from_bits(static_cast<uint32_t>(bits));
+}
+inline double vexp(double x) { return __builtin_exp(x); }
+
+// Element loads/stores in the accumulation type. fp16/bf16 go through their bits with the
+// branch-free conversions of c10 (fp16_ieee_to_fp32_value, fp16_ieee_from_fp32_value,
+// round_to_nearest_even) restated here so the loops that use them vectorize.
+inline float ld(const float* p, int64_t i) { return p[i]; }
+inline double ld(const double* p, int64_t i) { return p[i]; }
+inline float ld(const c10::BFloat16* p, int64_t i) {
+  return f32_from_bits(static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16);
+}
+inline float ld(const c10::Half* p, int64_t i) {
+  const uint32_t w = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = f32_from_bits((two_w >> 4) + (0xE0u << 23)) * f32_from_bits(15u << 23);
+  const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+  return f32_from_bits(sign | (two_w < (1u << 27) ? f32_to_bits(denormalized)
+                                                  : f32_to_bits(normalized)));
+}
+inline void st(float* p, int64_t i, float v) { p[i] = v; }
+inline void st(double* p, int64_t i, double v) { p[i] = v; }
+inline void st(c10::BFloat16* p, int64_t i, float v) {
+  const uint32_t b = f32_to_bits(v);
+  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
+}
+inline void st(c10::Half* p, int64_t i, float v) {
+  const uint32_t w = f32_to_bits(v);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  float base = (f32_from_bits(w & 0x7FFFFFFFu) * f32_from_bits(239u << 23)) * f32_from_bits(17u << 23);
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = f32_from_bits((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = f32_to_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  reinterpret_cast<uint16_t*>(p)[i] =
+      static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+template <typename A>
+inline A sigmoid(A z) {
+  return A(1) / (A(1) + vexp(-z));
+}
+
+// Mean and M2 (sum of squared deviations) per channel of rows x[0, nb) of a [*, C] block,
+// two passes over data that is still in cache.
+template <typename S, typename A>
+void block_moments(const S* __restrict__ x, int64_t nb, int64_t C, A* __restrict__ mean,
+                   A* __restrict__ m2) {
+  for (int64_t c = 0; c < C; ++c) mean[c] = A(0);
+  for (int64_t i = 0; i < nb; ++i) {
+    const S* xi = x + i * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) mean[c] += ld(xi, c);
+  }
+  const A inv = A(1) / static_cast<A>(nb);
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] *= inv;
+    m2[c] = A(0);
+  }
+  for (int64_t i = 0; i < nb; ++i) {
+    const S* xi = x + i * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const A d = ld(xi, c) - mean[c];
+      m2[c] += d * d;
+    }
+  }
+}
+
+// y = p x + (1 - p) alpha x, p = sigmoid(gamma (x - mean) rstd + beta)  (reference.dice_pointwise)
+template <typename S, typename A>
+void transform_rows(const S* __restrict__ x, S* __restrict__ y, int64_t nrows, int64_t C,
+                    const Coef<A>& k) {
+  const A* __restrict__ mu = k.mean;
+  const A* __restrict__ rs = k.rstd;
+  const A* __restrict__ ga = k.gamma;
+  const A* __restrict__ be = k.beta;
+  const A* __restrict__ al = k.alpha;
+  for (int64_t i = 0; i < nrows; ++i) {
+    const S* xi = x + i * C;
+    S* yi = y + i * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const A v = ld(xi, c);
+      // subtract first: (x - mean) is exact for the single-row case, gamma*rstd*x - shift is not
+      const A p = sigmoid<A>(ga[c] * ((v - mu[c]) * rs[c]) + be[c]);
+      st(yi, c, v * (al[c] + (A(1) - al[c]) * p));
+    }
+  }
+}
+
+// Backward reductions over rows x[0, nrows): with h = dL/dz = g x (1 - alpha) p (1 - p),
+// s_alpha += g x (1 - p), s_h += h, s_hx += h xhat.
+template <typename S, typename A>
+void backward_reduce_rows(const S* __restrict__ g, const S* __restrict__ x, int64_t nrows,
+                          int64_t C, const Coef<A>& k, A* __restrict__ s_alpha,
+                          A* __restrict__ s_h, A* __restrict__ s_hx) {
+  const A* __restrict__ mu = k.mean;
+  const A* __restrict__ rs = k.rstd;
+  const A* __restrict__ ga = k.gamma;
+  const A* __restrict__ be = k.beta;
+  const A* __restrict__ al = k.alpha;
+  for (int64_t i = 0; i < nrows; ++i) {
+    const S* xi = x + i * C;
+    const S* gi = g + i * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const A v = ld(xi, c);
+      const A gv = ld(gi, c);
+      const A xh = (v - mu[c]) * rs[c];
+      const A p = sigmoid<A>(ga[c] * xh + be[c]);
+      const A gx = gv * v;
+      const A h = gx * (A(1) - al[c]) * p * (A(1) - p);
+      s_alpha[c] += gx * (A(1) - p);
+      s_h[c] += h;
+      s_hx[c] += h * xh;
+    }
+  }
+}
+
+// dx = g (alpha + (1 - alpha) p) + h gamma rstd  [+ k1 + k2 xhat on valid rows in training:
+// the terms through the batch mean and variance, k1 = -gamma rstd s_h / n,
+// k2 = -gamma rstd s_hx / n]
+template <typename S, typename A>
+void backward_dx_rows(const S* __restrict__ g, const S* __restrict__ x, S* __restrict__ dx,
+                      int64_t nrows, int64_t C, const Coef<A>& k, const A* __restrict__ k1,
+                      const A* __restrict__ k2, bool stat_terms) {
+  const A* __restrict__ mu = k.mean;
+  const A* __restrict__ rs = k.rstd;
+  const A* __restrict__ ga = k.gamma;
+  const A* __restrict__ be = k.beta;
+  const A* __restrict__ al = k.alpha;
+  for (int64_t i = 0; i < nrows; ++i) {
+    const S* xi = x + i * C;
+    const S* gi = g + i * C;
+    S* di = dx + i * C;
+    if (stat_terms) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const A v = ld(xi, c);
+        const A gv = ld(gi, c);
+        const A xh = (v - mu[c]) * rs[c];
+        const A p = sigmoid<A>(ga[c] * xh + be[c]);
+        const A oma = A(1) - al[c];
+        const A h = gv * v * oma * p * (A(1) - p);
+        st(di, c, gv * (al[c] + oma * p) + h * ga[c] * rs[c] + k1[c] + k2[c] * xh);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const A v = ld(xi, c);
+        const A gv = ld(gi, c);
+        const A xh = (v - mu[c]) * rs[c];
+        const A p = sigmoid<A>(ga[c] * xh + be[c]);
+        const A oma = A(1) - al[c];
+        const A h = gv * v * oma * p * (A(1) - p);
+        st(di, c, gv * (al[c] + oma * p) + h * ga[c] * rs[c]);
+      }
+    }
+  }
+}
+
+}  // namespace DICE_ISA

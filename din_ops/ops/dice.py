@@ -1,0 +1,178 @@
+"""SPEC section 2: Dice with per-channel statistics over the valid rows only.
+
+The ops ``din_ops::dice`` and ``din_ops::dice_backward`` (schemas in csrc/din_ops.cpp) compute
+``f(s) = p(s) s + (1 - p(s)) alpha s`` with ``p(s) = sigmoid(gamma (s - E) / sqrt(Var + eps) + beta)``
+per channel, ``E``/``Var`` being the batch mean and biased variance over the valid rows
+(training) or the running statistics (eval). Kernels: csrc/cpu/dice.cpp (CPU) and
+din_ops/triton/dice.py (CUDA). This module holds the input checks, the fake kernels, the
+autograd formula and the public function. The ground truth is ``din_ops.reference.dice``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import _library as lib
+
+_ops = torch.ops.din_ops
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_dice_args(x, lengths, alpha, gamma, beta, running_mean, running_var, training, eps):
+    """Validates the arguments of ``din_ops::dice`` and names the bad one. Returns ``C``."""
+    lib.check_tensor(x, "x", dims=(2, 3), floating=True)
+    dtype, device = x.dtype, x.device
+    C = x.shape[-1]
+    for name, t in (("alpha", alpha), ("gamma", gamma), ("beta", beta)):
+        if t is None and name != "alpha":
+            continue
+        lib.check_tensor(t, name, dims=1, dtype=dtype, device=device)
+        if t.shape[0] != C:
+            raise ValueError(f"{name} must have shape [{C}] (one value per channel of x), got {tuple(t.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both left None)")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is None:
+            continue
+        lib.check_tensor(t, name, dims=1, device=device, floating=True)
+        if t.dtype not in (dtype, _acc_dtype(dtype)):
+            raise ValueError(f"{name} must have dtype {dtype} or {_acc_dtype(dtype)} (x is {dtype}), got {t.dtype}")
+        if t.shape[0] != C:
+            raise ValueError(f"{name} must have shape [{C}] (one value per channel of x), got {tuple(t.shape)}")
+    if not training and running_mean is None:
+        raise ValueError("dice in eval mode (training=False) needs running_mean and running_var")
+    if lengths is not None:
+        if x.dim() != 3:
+            raise ValueError("lengths is for padded x [B, T, C]; x [N, C] has every row valid (or use offsets)")
+        lib.check_lengths(lengths, x.shape[0], x.shape[1], device)
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    return C
+
+
+# --- fake kernels ----------------------------------------------------------------------------
+@torch.library.register_fake("din_ops::dice")
+def _dice_fake(x, lengths, alpha, gamma, beta, running_mean, running_var, training, eps):
+    acc = _acc_dtype(x.dtype)
+    C = x.shape[-1]
+    return x.new_empty(x.shape), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
+
+
+@torch.library.register_fake("din_ops::dice_backward")
+def _dice_backward_fake(grad_y, x, lengths, alpha, gamma, beta, mean, var, training, eps):
+    C = x.shape[-1]
+    return (x.new_empty(x.shape), alpha.new_empty(alpha.shape),
+            gamma.new_empty(gamma.shape) if gamma is not None else alpha.new_empty((C,)),
+            beta.new_empty(beta.shape) if beta is not None else alpha.new_empty((C,)))
+
+
+# --- autograd --------------------------------------------------------------------------------
+def _setup_dice(ctx, inputs, output):
+    x, lengths, alpha, gamma, beta, running_mean, running_var, training, eps = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, lengths, alpha, gamma, beta, mean, var)
+    ctx.training, ctx.eps = training, eps
+    # the statistics feed the running update only; they carry no gradient
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _backward_dice(ctx, grad_y, grad_mean, grad_var):
+    x, lengths, alpha, gamma, beta, mean, var = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros_like(x)
+    dx, dalpha, dgamma, dbeta = _ops.dice_backward(
+        grad_y.contiguous(), x, lengths, alpha, gamma, beta, mean, var, ctx.training, ctx.eps)
+    return (dx, None, dalpha, dgamma if gamma is not None else None,
+            dbeta if beta is not None else None, None, None, None, None)
+
+
+torch.library.register_autograd("din_ops::dice", _backward_dice, setup_context=_setup_dice)
+
+
+# --- public function ---------------------------------------------------------------------------
+def _valid_count(x, lengths, dtype):
+    """Number of valid rows as a 0-d tensor on x's device (no host synchronization)."""
+    if lengths is not None:
+        return lengths.sum().to(dtype)
+    rows = x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[1]
+    return torch.full((), rows, dtype=dtype, device=x.device)
+
+
+def dice(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    running_mean: Optional[torch.Tensor] = None,
+    running_var: Optional[torch.Tensor] = None,
+    *,
+    lengths: Optional[torch.Tensor] = None,
+    offsets: Optional[torch.Tensor] = None,
+    gamma: Optional[torch.Tensor] = None,
+    beta: Optional[torch.Tensor] = None,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Dice (paper section 2.2) with statistics over the valid rows only (SPEC section 2).
+
+    ``f(s) = p(s) s + (1 - p(s)) alpha s``, ``p(s) = sigmoid(gamma (s - E[s]) / sqrt(Var[s] + eps) + beta)``
+    per channel (the last dimension of ``x``).
+
+    Args:
+        x: ``[N, C]`` (every row valid), ``[B, T, C]`` with ``lengths [B]`` (int32/int64; row
+            ``b`` owns positions ``t < lengths[b]``, ``None`` means all valid), or jagged
+            ``[N, C]`` with ``offsets [B + 1]``. Jagged rows are all valid: ``offsets`` is
+            validated (starts at 0, non-decreasing, ends at N) and otherwise only names the rows,
+            so the result is the same as without it. fp32/fp64/fp16/bf16.
+        alpha: ``[C]``, x's dtype (``Dice`` initializes it to 0).
+        running_mean, running_var: ``[C]`` buffers (x's dtype or float32, float64 for float64
+            x), updated in place in training like ``torch.nn.BatchNorm1d``:
+            ``r <- (1 - momentum) r + momentum * batch`` with the unbiased batch variance.
+            Required in eval mode, optional in training.
+        gamma, beta: optional ``[C]`` affine weight and bias, applied to the normalized value
+            before the sigmoid (DeepCTR-Torch's ``BatchNorm1d(affine=True)``).
+        training: batch statistics (True) or the running statistics (False, pointwise).
+        momentum: running-statistics momentum, in [0, 1].
+        eps: added to the variance, > 0 (the paper's 1e-8 by default).
+
+    Returns ``y`` shaped like ``x`` in x's dtype.
+
+    Choices where SPEC is silent:
+        * Statistics are taken over the valid rows only; padded positions of ``[B, T, C]`` are
+          transformed with the same statistics but never enter them, and their gradient holds
+          only the pointwise term (the gradient through the statistics reaches valid rows
+          only, including the contributions of the padded outputs).
+        * Zero valid rows: the statistics are mean 0 and variance 0 (so ``p = sigmoid(gamma x /
+          sqrt(eps) + beta)``), the gradient through them is 0, and the running statistics are
+          not updated. One valid row: variance 0, so its normalized value is exactly 0 and
+          ``p = sigmoid(beta)``; the running variance moves toward 0 (the unbiased variance of
+          one sample is taken as 0, not NaN).
+        * Statistics and the transform accumulate in float32 (float64 for float64 x); ``y`` is
+          rounded to x's dtype once.
+        * The valid-row count for the running update is computed on the device (no host
+          synchronization); the value checks of ``lengths``/``offsets`` read them on the host,
+          except under ``torch.compile``, where they are skipped.
+    """
+    if not isinstance(momentum, (int, float)) or not (0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+    if offsets is not None:
+        lib.check_tensor(x, "x", dims=(2, 3), floating=True)
+        if x.dim() != 2:
+            raise ValueError(f"offsets is for jagged x [N, C]; padded x [B, T, C] takes lengths, got shape {tuple(x.shape)}")
+        if lengths is not None:
+            raise ValueError("pass either lengths (padded x [B, T, C]) or offsets (jagged x [N, C]), not both")
+        lib.check_offsets(offsets, None, x.shape[0], x.device)
+    check_dice_args(x, lengths, alpha, gamma, beta, running_mean, running_var, training, eps)
+    eps = float(eps)
+    if training:
+        y, mean, var = _ops.dice(x, lengths, alpha, gamma, beta, None, None, True, eps)
+        if running_mean is not None:
+            n = _valid_count(x, lengths, mean.dtype)
+            lib.update_running_stats(running_mean, running_var, mean.detach(), var.detach(), n, momentum)
+    else:
+        y, _, _ = _ops.dice(x, lengths, alpha, gamma, beta, running_mean, running_var, False, eps)
+    return y
