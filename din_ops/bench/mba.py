@@ -32,7 +32,7 @@ from .common import TOLERANCE, OpBench, compile_fn, rel_err
 LR, LAM, EPS = 1e-3, 1e-4, 1e-10
 # The correctness check takes one step with a large rate and penalty, so that a wrong
 # regularization or duplicate sum changes the result by far more than rounding does.
-CHECK_LR, CHECK_LAM = 0.5, 20.0
+CHECK_LR, CHECK_LAM = 5.0, 20.0
 ZIPF_S = 1.05
 
 

@@ -458,7 +458,7 @@ class Runner:
                     continue
                 found = True
                 parts = [f"{op} {mode}: din_ops {d.ms:8.3f} ms"]
-                for base in ("eager", "compile"):
+                for base in ("eager", "eager_masked", "eager_sparse", "compile"):
                     b = self._find(op, base, mode, **shape)
                     if b is not None:
                         parts.append(f"{b.ms / d.ms:5.1f}x vs {base}")
@@ -510,7 +510,8 @@ def plot(csv_path: str, png_path: str) -> None:
     fig, axes = plt.subplots(len(ops), ncols, figsize=(4.2 * ncols, 3.3 * len(ops)), squeeze=False)
     device_name = rows[0]["device_name"]
     styles = {"fp32": "-", "bf16": "--", "fp16": ":", "fp64": "-."}
-    colors = {"compile": "tab:orange", "careful": "tab:green", "din_ops": "tab:blue", "eager_sparse": "tab:gray"}
+    colors = {"compile": "tab:orange", "careful": "tab:green", "din_ops": "tab:blue", "eager_sparse": "tab:gray",
+              "eager_masked": "tab:purple"}
     for i, op in enumerate(ops):
         modes = BENCHES[op].modes
         for j in range(ncols):
