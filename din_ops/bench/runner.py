@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -60,13 +61,15 @@ class Preset:
     doc: str = ""
 
 
-def _shape(B, T, D=36, hidden=(80, 40), E=1_000_000):
-    return dict(B=B, T=T, D=D, hidden=tuple(hidden), E=E)
+def _shape(B, T, D=36, hidden=(80, 40), E=1_000_000, dtypes=None):
+    """A sweep point; ``dtypes`` restricts it to some of the run's dtypes."""
+    s = dict(B=B, T=T, D=D, hidden=tuple(hidden), E=E)
+    if dtypes:
+        s["dtypes"] = tuple(dtypes)
+    return s
 
 
-def _default_batch(T: int) -> int:
-    """B = 2048 up to T = 100, then B * T held at 2048 * 100 / 0.8 (about 256k positions)."""
-    return 2048 if T <= 100 else max(1, 256_000 // T)
+SWEEP_BT = 51200  # the default preset's T sweep holds B * T here (a quarter of the headline's)
 
 
 PRESETS: Dict[str, Preset] = {
@@ -78,8 +81,10 @@ PRESETS: Dict[str, Preset] = {
         shapes=[("headline", _shape(**HEADLINE))],
         doc="the headline shape only (B=2048, T=100, D=36, hidden 80x40)"),
     "default": Preset(
-        shapes=[("T", _shape(**HEADLINE))] + [("T", _shape(_default_batch(T), T)) for T in T_VALUES if T != 100],
-        doc="T sweep 10..1000 (B=2048 up to T=100, then B*T ~ 256k); about 3 minutes on 2 CPU cores"),
+        shapes=[("headline", _shape(**HEADLINE))] + [("T", _shape(SWEEP_BT // T, T)) for T in T_VALUES],
+        budget_s=0.4, min_reps=3, max_reps=30,
+        doc=f"the headline shape (B=2048, T=100), then a T sweep 10..1000 at B*T = {SWEEP_BT}; "
+            "about 3 minutes on 2 CPU cores"),
     "full": Preset(
         shapes=[("T", _shape(2048, T)) for T in T_VALUES]
         + [("B", _shape(B, 100)) for B in (256, 1024, 4096)]
@@ -88,11 +93,12 @@ PRESETS: Dict[str, Preset] = {
         budget_s=1.0, min_reps=7, max_reps=100,
         doc="T sweep at B=2048, then batch, embedding width and hidden-size sweeps at T=100"),
     "gpu": Preset(
-        shapes=[("T", _shape(2048, 100)), ("T", _shape(2048, 1000)), ("T", _shape(2048, 10)),
-                ("T", _shape(2048, 500)), ("T", _shape(2048, 50))],
-        budget_s=0.2, min_reps=10, max_reps=200, time_limit_s=200,
-        doc="for one H200: T sweep at B=2048 (headline, T=1000 first), fp32 and bf16; stops starting "
-            "new shapes after 200 s (torch.compile warm-ups included) and writes what it has"),
+        shapes=[("T", _shape(2048, 100)), ("T", _shape(2048, 1000))]
+        + [("T", _shape(2048, T, dtypes=("fp32",))) for T in (10, 500, 50)]
+        + [("T", _shape(2048, T, dtypes=("bf16",))) for T in (10, 500, 50)],
+        budget_s=0.2, min_reps=10, max_reps=200, time_limit_s=170,
+        doc="for one H200: T sweep at B=2048, fp32 and bf16, the headline and T=1000 first; starts no "
+            "new shape after 170 s (torch.compile warm-ups included) and writes what it has"),
 }
 
 CSV_COLUMNS = [
@@ -173,6 +179,7 @@ class Runner:
         self.name = name
         self.log = log
         self.rows: List[Row] = []
+        self.failures = 0
         self.machine: Optional[Machine] = None
         self.timer = Timer(self.device, budget_s=preset.budget_s, min_reps=preset.min_reps,
                            max_reps=preset.max_reps)
@@ -234,7 +241,7 @@ class Runner:
         dtypes = self.dtypes
         seen = set()
         for tag, shape in self.preset.shapes:
-            for dt in dtypes:
+            for dt in [d for d in dtypes if d in shape.get("dtypes", dtypes)]:
                 for op in self.ops:
                     bench = BENCHES[op]
                     key = (op, dt, bench.case_key(shape))
@@ -261,7 +268,7 @@ class Runner:
                    mininterval=0.5)
         log = self.log
         self.log = lambda s="": bar.write(str(s), file=sys.stdout)
-        skipped = 0
+        skipped, stopped = 0, None
         csv_path = os.path.join(self.out, f"{self.name}_bench.csv")
         os.makedirs(self.out, exist_ok=True)
         with open(csv_path, "w", newline="") as f:
@@ -271,11 +278,23 @@ class Runner:
                 bench = BENCHES[op]
                 n_rows = len(self.provider_names(bench)) * len(bench.modes)
                 limit = self.preset.time_limit_s
-                if limit is not None and time.perf_counter() - t_start > limit:
+                if stopped or (limit is not None and time.perf_counter() - t_start > limit):
+                    stopped = stopped or f"time limit ({limit:.0f} s) reached"
                     skipped += n_rows
                     bar.update(n_rows)
                     continue
-                rows = self.run_case(bench, DTYPES[dt], tag, shape, bad, bar)
+                try:
+                    rows = self.run_case(bench, DTYPES[dt], tag, shape, bad, bar)
+                except KeyboardInterrupt:  # also SIGTERM (a `timeout`): keep what was measured
+                    stopped = "interrupted"
+                    skipped += n_rows
+                    continue
+                except Exception as e:  # e.g. out of memory building the case: report, go on
+                    self.log(f"*** {op} {shape} {dt}: {type(e).__name__}: {e}")
+                    self.failures += 1
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 self.rows += rows
                 for r in rows:
                     writer.writerow(self.csv_row(r))
@@ -284,7 +303,7 @@ class Runner:
         bar.close()
         self.log = log
         if skipped:
-            self.log(f"*** time limit ({self.preset.time_limit_s:.0f} s) reached: {skipped} rows not run")
+            self.log(f"*** {stopped}: {skipped} rows not run")
         self.log(self.headline())
         md_path = os.path.join(self.out, f"{self.name}_summary.md")
         with open(md_path, "w") as f:
@@ -298,9 +317,11 @@ class Runner:
         self.log(f"wrote {csv_path}" + (f", {png_path}" if png_path else "") + f", {md_path} "
                  f"({time.perf_counter() - t_start:.0f} s)")
         n_bad = sum(r.status.startswith(("MISMATCH", "error")) for r in self.rows)
-        n_bad += sum(why.startswith("self-check failed") for why in bad.values())
+        n_bad += sum(why.startswith("self-check failed") for why in bad.values()) + self.failures
         if n_bad:
             self.log(f"*** {n_bad} mismatches or errors: those rows were not timed (see the status column)")
+        if stopped == "interrupted":
+            return 130
         return 1 if n_bad else 0
 
     def run_case(self, bench: OpBench, dtype, tag, shape, bad, bar) -> List[Row]:
@@ -496,7 +517,7 @@ def plot(csv_path: str, png_path: str) -> None:
     from matplotlib import ticker
 
     with open(csv_path) as f:
-        rows = [r for r in csv.DictReader(f) if r["speedup_vs_eager"] and r["sweep"] in ("T", "headline")]
+        rows = [r for r in csv.DictReader(f) if r["speedup_vs_eager"] and r["sweep"] == "T"]
     if not rows:
         rows = []
     ops = [op for op in BENCHES if any(r["op"] == op for r in rows)]
@@ -604,4 +625,12 @@ def main(argv=None) -> int:
     print(f"preset {preset_name}: {preset.doc}")
     runner = Runner(device, preset, ops, providers, dtypes, memory=not args.no_memory, out=args.out,
                     name=name)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, stop)  # `timeout` sends SIGTERM: still write the outputs
+    except ValueError:  # not the main thread
+        pass
     return runner.run()
