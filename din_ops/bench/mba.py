@@ -46,6 +46,7 @@ class Case:
     B: int
     T: int
     distinct: int              # distinct indices in the batch
+    dist: str = "zipf"
 
     @property
     def dtype(self):
@@ -60,17 +61,26 @@ def zipf_indices(M: int, E: int, generator: torch.Generator, s: float = ZIPF_S) 
     return torch.randperm(E, generator=generator)[ranks]
 
 
-def make_case(B=2048, T=100, D=36, E=1_000_000, dtype=torch.float32, device="cpu", seed=0) -> Case:
+def make_case(B=2048, T=100, D=36, E=1_000_000, dtype=torch.float32, device="cpu", seed=0,
+              M: Optional[int] = None, dist: str = "zipf") -> Case:
+    """``M`` defaults to the batch's history positions (lengths uniform in 1..T); ``dist``:
+    ``zipf`` (hot items) or ``uniform`` ids."""
     g = torch.Generator().manual_seed(seed)
-    M = int(torch.randint(1, T + 1, (B,), generator=g).sum())
-    indices = zipf_indices(M, E, g)
+    n_pos = int(torch.randint(1, T + 1, (B,), generator=g).sum())
+    M = n_pos if M is None else M
+    if dist == "zipf":
+        indices = zipf_indices(M, E, g)
+    elif dist == "uniform":
+        indices = torch.randint(0, E, (M,), generator=g)
+    else:
+        raise ValueError(f"dist must be 'zipf' or 'uniform', got {dist!r}")
     return Case(
         weight=(0.01 * torch.randn(E, D, generator=g)).to(device=device, dtype=dtype),
         indices=indices.to(device),
         grad=(1e-3 * torch.randn(M, D, generator=g)).to(device=device, dtype=dtype),
         freq=torch.randint(0, 1000, (E,), generator=g).to(device),
         state=torch.zeros(E, device=device),
-        B=B, T=T, distinct=int(torch.unique(indices).numel()),
+        B=B, T=T, distinct=int(torch.unique(indices).numel()), dist=dist,
     )
 
 
@@ -163,11 +173,13 @@ class MBABench(OpBench):
     providers = PROVIDERS
 
     def case_key(self, shape):
-        return (shape["B"], shape["T"], shape["D"], shape.get("E", 1_000_000))
+        return (shape["B"], shape["T"], shape["D"], shape.get("E", 1_000_000), shape.get("M"),
+                shape.get("dist", "zipf"))
 
     def make_case(self, shape, dtype, device, seed=0):
         return make_case(B=shape["B"], T=shape["T"], D=shape["D"], E=shape.get("E", 1_000_000),
-                         dtype=dtype, device=device, seed=seed)
+                         dtype=dtype, device=device, seed=seed, M=shape.get("M"),
+                         dist=shape.get("dist", "zipf"))
 
     def shape_dict(self, c):
         E, D = c.weight.shape
@@ -175,7 +187,8 @@ class MBABench(OpBench):
 
     def shape_str(self, c):
         E, D = c.weight.shape
-        return f"B={c.B} T={c.T} D={D} E={E} M={c.grad.shape[0]} U={c.distinct}"
+        return f"B={c.B} T={c.T} D={D} E={E} M={c.grad.shape[0]} U={c.distinct}" + \
+            ("" if c.dist == "zipf" else f" {c.dist}")
 
     def step(self, provider, c, mode):
         fn = self.providers[provider]
