@@ -37,3 +37,7 @@ def pytest_generate_tests(metafunc):
 
 def pytest_configure(config):
     torch.manual_seed(0)
+    if torch.cuda.is_available():
+        from din_ops.bench.runner import _load_gpu_kernels
+
+        _load_gpu_kernels("cuda")  # CUDA tensors run the Triton kernels, registered on import

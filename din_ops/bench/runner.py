@@ -603,6 +603,8 @@ def main(argv=None) -> int:
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
+        if device.index is None:  # set_device and friends want an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     preset_name = args.preset or ("gpu" if device.type == "cuda" else "default")
     preset = dataclasses.replace(PRESETS[preset_name])
