@@ -5,7 +5,8 @@
   ``nn.Linear`` layers over every padded position, mask, bmm.
 - ``compile``: ``torch.compile`` of ``eager`` (one static graph per shape).
 - ``careful``: the best plain PyTorch a careful user writes: valid positions only (gathered),
-  the first layer folded so no ``[N, 4D]`` tensor exists, ``index_add`` pooling.
+  the first layer folded so no ``[N, 4D]`` tensor exists, ``index_add`` pooling (summed in
+  float32 for half-precision inputs).
 - ``din_ops``: the fused op.
 
 Every provider takes the same :class:`Case` and returns ``out [B, D]``.
@@ -114,12 +115,16 @@ def careful(c: Case) -> torch.Tensor:
         s = F.linear(h, c.weights[-1], c.biases[-1]).squeeze(-1)      # [N]
     else:
         s = h.squeeze(-1)
+    # sums over a row's positions in float32 for half-precision inputs (index_add would round
+    # after every addition)
+    acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
     if c.normalization == "softmax":
         m = torch.full((B,), float("-inf"), device=s.device, dtype=s.dtype).scatter_reduce(
             0, row, s, reduce="amax", include_self=True)
         e = torch.exp(s - m[row])
-        s = e / torch.zeros(B, device=s.device, dtype=s.dtype).index_add(0, row, e)[row]
-    return torch.zeros(B, D, device=keys.device, dtype=keys.dtype).index_add(0, row, s[:, None] * kv)
+        s = e / torch.zeros(B, device=s.device, dtype=acc).index_add(0, row, e.to(acc))[row].to(s.dtype)
+    out = torch.zeros(B, D, device=keys.device, dtype=acc).index_add(0, row, (s[:, None] * kv).to(acc))
+    return out.to(keys.dtype)
 
 
 def fused(c: Case) -> torch.Tensor:

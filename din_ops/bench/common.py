@@ -18,9 +18,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 # Relative L2 error a provider may have against the float32 (float64 for fp64 inputs) reference.
-# Half precisions: eager runs every layer in that precision, so a few percent is expected; a wrong
-# formulation is off by O(1).
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# Half precisions: plain PyTorch runs every layer in that precision and some backward passes sum
+# hundreds of positions in it (indexing's backward), so a few percent is expected in bfloat16;
+# a wrong formulation is off by O(1).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 
 class ProviderUnavailable(RuntimeError):

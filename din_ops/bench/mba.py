@@ -6,8 +6,8 @@ times per batch); ``grad [M, D]`` is what ``nn.Embedding(sparse=True)`` yields. 
 regularizes and updates the present rows in place.
 
 - ``eager``: what a PyTorch user writes: coalesce the batch (``torch.unique`` with the inverse),
-  segment-sum the duplicate rows with ``index_add_``, gather the present rows, the regularized
-  update, ``index_copy_`` back.
+  segment-sum the duplicate rows with ``index_add_`` (in float32 for half-precision gradients),
+  gather the present rows, the regularized update (float32), ``index_copy_`` back.
 - ``eager_sparse``: the same starting from the sparse COO gradient's ``.coalesce()``, as
   ``nn.Embedding(sparse=True)`` + an optimizer does.
 - ``compile``: ``torch.compile`` of ``eager`` (``unique``'s data-dependent shape splits the graph;
@@ -101,8 +101,9 @@ def _rows_update(weight, uniq, g, freq, state, optimizer, lr, lam):
 
 def eager_update(weight, indices, grad, freq, state, optimizer: str, lr: float = LR, lam: float = LAM):
     uniq, inverse = torch.unique(indices, return_inverse=True)
-    g = torch.zeros(uniq.numel(), weight.shape[1], dtype=grad.dtype, device=grad.device)
-    g.index_add_(0, inverse, grad)
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32  # hot rows sum thousands
+    g = torch.zeros(uniq.numel(), weight.shape[1], dtype=acc, device=grad.device)
+    g.index_add_(0, inverse, grad.to(acc))
     _rows_update(weight, uniq, g, freq, state, optimizer, lr, lam)
 
 
