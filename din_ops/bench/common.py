@@ -252,16 +252,18 @@ def _quantile(sorted_ts: Sequence[float], q: float) -> float:
     return sorted_ts[lo] + (sorted_ts[hi] - sorted_ts[lo]) * (pos - lo)
 
 
-def compile_fn(fn: Callable) -> Callable:
-    """``torch.compile`` with one static graph per shape (what ``dynamic=False`` gives: the
-    fastest code for each benchmarked shape) and room for every shape of a sweep."""
+def compile_fn(fn: Callable, dynamic: bool = False) -> Callable:
+    """``torch.compile`` with room for every shape of a sweep. ``dynamic=False`` (one static
+    graph per shape: the fastest code for each benchmarked shape) fits ops whose shapes are
+    fixed from batch to batch (padded histories); ``dynamic=True`` fits shapes that change every
+    batch (the number of distinct rows of an MBA update)."""
     import torch._dynamo as dynamo
 
     for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
                  "accumulated_cache_size_limit"):
         if hasattr(dynamo.config, knob):
             setattr(dynamo.config, knob, max(getattr(dynamo.config, knob), 1024))
-    return torch.compile(fn, dynamic=False)
+    return torch.compile(fn, dynamic=dynamic)
 
 
 # --- pytest-benchmark -------------------------------------------------------------------------

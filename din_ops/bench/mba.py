@@ -10,8 +10,9 @@ regularizes and updates the present rows in place.
   gather the present rows, the regularized update (float32), ``index_copy_`` back.
 - ``eager_sparse``: the same starting from the sparse COO gradient's ``.coalesce()``, as
   ``nn.Embedding(sparse=True)`` + an optimizer does.
-- ``compile``: ``torch.compile`` of ``eager`` (``unique``'s data-dependent shape splits the graph;
-  the elementwise update is fused).
+- ``compile``: ``torch.compile(dynamic=True)`` of ``eager``: the number of distinct rows changes
+  every batch, so static shapes would recompile at every step of a training loop (``unique``'s
+  data-dependent shape splits the graph; the elementwise update is fused).
 - ``din_ops``: ``din_ops.mba_sparse_update_``.
 
 Modes are the optimizers: ``sgd`` and ``adagrad_rowwise`` (one accumulator per row). The update
@@ -123,7 +124,7 @@ _compiled: Dict[str, Callable] = {}
 
 def compiled_update(*args):
     if "fn" not in _compiled:
-        _compiled["fn"] = compile_fn(eager_update)
+        _compiled["fn"] = compile_fn(eager_update, dynamic=True)
     return _compiled["fn"](*args)
 
 
