@@ -7,11 +7,16 @@
 """
 from ._library import backend, get_backend, set_backend
 from .ops.attention_pooling import attention_pooling
+from .ops.mba import FrequencyCounter, count_frequencies, mba_penalty, mba_sparse_update_
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FrequencyCounter",
     "attention_pooling",
+    "count_frequencies",
+    "mba_penalty",
+    "mba_sparse_update_",
     "backend",
     "get_backend",
     "set_backend",
