@@ -747,3 +747,24 @@ def test_triton_empty_batch_and_range_check(device, backend):
             ops.mba_sparse_update_(w, torch.tensor([3, 10], device=device), torch.ones(2, 4, device=device), f,
                                    st, 0.1, 0.1, "adagrad", None, 1e-10)
     assert torch.equal(w, keep)
+
+
+@pytest.mark.parametrize("device,backend", TRITON)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("D", [7, 1030])
+def test_triton_hot_rows_two_level_sum(device, backend, optimizer, D, monkeypatch):
+    # rows hit more than PIECE times are summed piece by piece, then the pieces in order
+    from din_ops.triton import mba as tmba
+    monkeypatch.setattr(tmba, "PIECE", 4)
+    w, idx, g, f, st = make_case(11, D, 45, torch.float32, optimizer, hot=4, device=device)
+    idx[-5:] = 9  # one cold row among the hot ones
+    kw = dict(lr=0.3, lam=0.7, optimizer=optimizer, padding_idx=1)
+    with din_ops.backend(backend):
+        a = run_ops(w, idx, g, f, st, **kw)
+        b = run_ops(w, idx, g, f, st, **kw)
+    w_ref, s_ref = run_ref(w, idx, g, f, st, **kw)
+    torch.testing.assert_close(a[0], w_ref, rtol=2e-6, atol=2e-6)
+    if st is not None:
+        torch.testing.assert_close(a[1], s_ref, rtol=2e-6, atol=2e-6)
+        assert torch.equal(a[1], b[1])
+    assert torch.equal(a[0], b[0])
