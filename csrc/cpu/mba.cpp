@@ -19,11 +19,31 @@
 
 #include "common.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace din_ops {
 namespace cpu {
 namespace {
 
 enum class Optim { kSgd, kAdagrad, kAdagradRowwise };
+
+// Runs fn(part) for part in [0, nparts), parts handed out dynamically: the random row accesses
+// make the time per part uneven, and on a shared machine a descheduled thread then delays only
+// its current part instead of a static half of the work. fn must not throw.
+template <typename F>
+void for_each_part(int64_t nparts, const F& fn) {
+#ifdef _OPENMP
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), nparts));
+  if (threads > 1 && !at::in_parallel_region()) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t part = 0; part < nparts; ++part) fn(part);
+    return;
+  }
+#endif
+  for (int64_t part = 0; part < nparts; ++part) fn(part);
+}
 
 Optim parse_optimizer(std::string_view name) {
   if (name == "sgd") return Optim::kSgd;
@@ -266,10 +286,10 @@ void update_segments(scalar_t* __restrict__ weight, const scalar_t* __restrict__
   const int64_t row_cost = std::max<int64_t>(1, D / 16);
   const auto bounds = split_segments(seg, row_cost, 8 * at::get_num_threads());
   const int64_t nparts = static_cast<int64_t>(bounds.size()) - 1;
-  at::parallel_for(0, nparts, 1, [&](int64_t pb, int64_t pe) {
+  for_each_part(nparts, [&](int64_t part) {
     std::vector<acc> buf(D);
     acc* __restrict__ g = buf.data();
-    for (int64_t part = pb; part < pe; ++part) {
+    {
       const int64_t sb = bounds[part], se = bounds[part + 1];
       for (int64_t s = sb; s < se; ++s) {
         if (s + kPrefetch < se) {
@@ -447,8 +467,8 @@ at::Tensor mba_penalty_cpu(const at::Tensor& weight, const at::Tensor& indices, 
     const auto ranges = fixed_ranges(U, 1024);
     const int64_t R = static_cast<int64_t>(ranges.size()) - 1;
     std::vector<double> partial(R, 0.0);
-    at::parallel_for(0, R, 1, [&](int64_t rb, int64_t re) {
-      for (int64_t r = rb; r < re; ++r) {
+    for_each_part(R, [&](int64_t r) {
+      {
         double sum = 0;
         for (int64_t s = ranges[r]; s < ranges[r + 1]; ++s) {
           if (s + kPrefetch < ranges[r + 1]) {
