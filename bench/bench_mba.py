@@ -16,6 +16,7 @@ The update is applied in place repeatedly to the same table; lr and lam are smal
 stay finite (each step only shrinks the present rows a little).
 
 Run:  python -m pytest bench/bench_mba.py --benchmark-json=bench/out/mba.json
+      (MBA_BENCH_THREADS=n sets torch's thread count, MBA_BENCH_ROUNDS=n the rounds)
       python bench/bench_mba.py bench/out/mba.json > bench/results/cpu_mba.md   (the table)
 """
 from __future__ import annotations
@@ -96,6 +97,9 @@ FNS = {"eager": eager_update, "eager_sparse": eager_sparse_update, "compile": co
 @pytest.fixture(scope="module", params=DEVICES)
 def table(request):
     device = request.param
+    threads = int(os.environ.get("MBA_BENCH_THREADS", "0"))
+    if threads:
+        torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     weight = (0.01 * torch.randn(N, D, generator=gen)).to(device)
     freq = torch.randint(0, 1000, (N,), generator=gen).to(device)
@@ -137,16 +141,16 @@ def report(path: str) -> str:
     rows = {}
     for b in data["benchmarks"]:
         e = b["extra_info"]
-        key = (e["device"], e["optimizer"], e["dist"], e["distinct"])
+        key = (e["device"], e["threads"], e["optimizer"], e["dist"], e["distinct"])
         rows.setdefault(key, {})[e["provider"]] = b["stats"]["median"] * 1e3
-    out = ["| device | optimizer | indices (distinct of 200k) | "
+    out = ["| device | threads | optimizer | indices (distinct of 200k) | "
            + " | ".join(f"{p} ms" for p in PROVIDERS) + " | din_ops speedup vs eager | vs compile |",
-           "|" + "---|" * (4 + len(PROVIDERS) + 1)]
-    for (device, opt, dist, distinct), r in sorted(rows.items()):
+           "|" + "---|" * (5 + len(PROVIDERS) + 1)]
+    for (device, threads, opt, dist, distinct), r in sorted(rows.items()):
         cells = [f"{r[p]:.1f}" if p in r else "-" for p in PROVIDERS]
         sp = f"{r['eager'] / r['din_ops']:.1f}x" if "eager" in r and "din_ops" in r else "-"
         spc = f"{r['compile'] / r['din_ops']:.1f}x" if "compile" in r and "din_ops" in r else "-"
-        out.append(f"| {device} | {opt} | {dist} ({distinct}) | " + " | ".join(cells) + f" | {sp} | {spc} |")
+        out.append(f"| {device} | {threads} | {opt} | {dist} ({distinct}) | " + " | ".join(cells) + f" | {sp} | {spc} |")
     return "\n".join(out)
 
 
