@@ -446,6 +446,8 @@ void mba_sparse_update_cpu(const at::Tensor& weight, const at::Tensor& indices, 
               ", ", D, "], got ", grad.sizes());
   TORCH_CHECK(grad.scalar_type() == weight.scalar_type(), "grad must have the weight's dtype ",
               weight.scalar_type(), ", got ", grad.scalar_type());
+  TORCH_CHECK(grad.device() == weight.device() && indices.device() == weight.device(),
+              "grad and indices must be on the weight's device");
   check_freq(freq, weight);
   check_padding(padding_idx, N);
   const auto acc_st = acc_scalar_type(weight.scalar_type());
@@ -464,6 +466,7 @@ void mba_sparse_update_cpu(const at::Tensor& weight, const at::Tensor& indices, 
     TORCH_CHECK(st.scalar_type() == weight.scalar_type() || st.scalar_type() == acc_st,
                 "state must have dtype ", weight.scalar_type(), " or ", acc_st, ", got ", st.scalar_type());
     TORCH_CHECK(st.is_contiguous(), "state must be contiguous (it is updated in place)");
+    TORCH_CHECK(st.device() == weight.device(), "state must be on the weight's device");
     TORCH_CHECK(!st.is_same(weight), "state must not alias weight");
   }
   if (M == 0 || D == 0 || N == 0) {
