@@ -1,1 +1,3 @@
+"""Triton kernels, one module per op; importing this package registers them for CUDA tensors."""
 from . import dice  # noqa: F401
+from . import mba  # noqa: F401
