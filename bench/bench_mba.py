@@ -1,23 +1,14 @@
-"""Benchmarks of the fused MBA sparse update (SPEC section 3) against plain PyTorch.
+"""Benchmarks of the fused MBA sparse update (SPEC section 3) against plain PyTorch; the providers
+(eager, eager_sparse, compile, din_ops) are din_ops/bench/mba.py's, shared with the main job.
 
-A 1M x 64 fp32 table, 200k indices per batch (uniform, or Zipf-like: a few hot rows hit
-thousands of times), the update of paper eq. 2.4 with SGD and with row-wise Adagrad.
+Configurations: a 1M x 64 fp32 table with 200k indices per batch, uniform or Zipf(1.05) (a few
+hot rows hit thousands of times), and DIN's batch (B=2048 histories of lengths uniform in 1..T:
+~100k Zipf item ids into a 1M x 36 table); SGD and row-wise Adagrad (the mode). The update is
+applied in place repeatedly to the same table (lr, lam small: the values stay finite).
 
-Providers, side by side in one group per configuration:
-  eager         what a careful PyTorch user writes: coalesce the batch (torch.unique with
-                inverse), segment-sum the duplicate gradient rows (index_add_), gather the
-                present rows, the regularized update on them, index_copy_ back;
-  eager_sparse  the same starting from the sparse COO gradient's .coalesce();
-  compile       `eager` through torch.compile (the unique/gather/scatter stay as they are, the
-                elementwise update is fused);
-  din_ops       din_ops.mba_sparse_update_ (C++ on CPU, Triton on CUDA).
-
-The update is applied in place repeatedly to the same table; lr and lam are small so the values
-stay finite (each step only shrinks the present rows a little).
-
-Run:  python -m pytest bench/bench_mba.py --benchmark-json=bench/out/mba.json
-      (MBA_BENCH_THREADS=n sets torch's thread count, MBA_BENCH_ROUNDS=n the rounds)
-      python bench/bench_mba.py bench/out/mba.json > bench/results/cpu_mba.md   (the table)
+Run:  pytest bench/bench_mba.py --benchmark-only --benchmark-json=bench/out/mba.json
+      (MBA_BENCH_THREADS=n sets torch's thread count)
+      python bench/bench_mba.py bench/out/mba.json      (a markdown table of the medians)
 """
 from __future__ import annotations
 
@@ -28,129 +19,52 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import din_ops  # noqa: E402
+from din_ops.bench import mba as MBA
+from din_ops.bench.common import run_benchmark, suite_params
 
-if torch.cuda.is_available():
-    import din_ops.triton  # noqa: F401  (registers the Triton kernels for CUDA tensors)
-
-N, D, M = 1_000_000, 64, 200_000
-LR, LAM, EPS = 1e-3, 1e-4, 1e-10
-PROVIDERS = ["eager", "eager_sparse", "compile", "din_ops"]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CONFIGS = {
+    "uniform-200k": dict(B=2048, T=100, D=64, E=1_000_000, M=200_000, dist="uniform"),
+    "zipf-200k": dict(B=2048, T=100, D=64, E=1_000_000, M=200_000, dist="zipf"),
+    "din": dict(B=2048, T=100, D=36, E=1_000_000),
+}
 
 
-def make_indices(dist: str, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    if dist == "uniform":
-        idx = torch.randint(0, N, (M,), generator=gen)
-    else:  # Zipf(1.05) ranks, scattered over the table
-        p = 1.0 / torch.arange(1, N + 1, dtype=torch.float64) ** 1.05
-        ranks = torch.multinomial(p, M, replacement=True, generator=gen)
-        idx = torch.randperm(N, generator=gen)[ranks]
-    return idx.to(device)
-
-
-def eager_update(weight, indices, grad, freq, state, lr: float, lam: float, optimizer: str, eps: float = EPS):
-    uniq, inverse = torch.unique(indices, return_inverse=True)
-    g = torch.zeros(uniq.numel(), weight.shape[1], dtype=grad.dtype, device=grad.device)
-    g.index_add_(0, inverse, grad)
-    return _eager_rows(weight, uniq, g, freq, state, lr, lam, optimizer, eps)
-
-
-def eager_sparse_update(weight, indices, grad, freq, state, lr: float, lam: float, optimizer: str,
-                        eps: float = EPS):
-    sp = torch.sparse_coo_tensor(indices[None], grad, weight.shape, check_invariants=False).coalesce()
-    return _eager_rows(weight, sp._indices()[0], sp._values(), freq, state, lr, lam, optimizer, eps)
-
-
-def _eager_rows(weight, uniq, g, freq, state, lr, lam, optimizer, eps):
-    w = weight.index_select(0, uniq)
-    n = freq.index_select(0, uniq).to(w.dtype).clamp_min(1)
-    r = g + (lam / n)[:, None] * w
-    if optimizer == "sgd":
-        w = w - lr * r
-    else:  # adagrad_rowwise
-        s = state.index_select(0, uniq) + (r * r).mean(1)
-        state.index_copy_(0, uniq, s)
-        w = w - lr * r / (s.sqrt() + eps)[:, None]
-    weight.index_copy_(0, uniq, w)
-
-
-_compiled = {}
-
-
-def compiled_update(*args):
-    if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(eager_update, dynamic=False)
-    return _compiled["fn"](*args)
-
-
-def din_update(weight, indices, grad, freq, state, lr, lam, optimizer):
-    din_ops.mba_sparse_update_(weight, indices, grad, freq, lr=lr, lam=lam, optimizer=optimizer, state=state)
-
-
-FNS = {"eager": eager_update, "eager_sparse": eager_sparse_update, "compile": compiled_update,
-       "din_ops": din_update}
-
-
-@pytest.fixture(scope="module", params=DEVICES)
-def table(request):
-    device = request.param
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
     threads = int(os.environ.get("MBA_BENCH_THREADS", "0"))
+    before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    gen = torch.Generator().manual_seed(0)
-    weight = (0.01 * torch.randn(N, D, generator=gen)).to(device)
-    freq = torch.randint(0, 1000, (N,), generator=gen).to(device)
-    state = torch.zeros(N, device=device)
-    return device, weight, freq, state
+    yield
+    torch.set_num_threads(before)
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("dist", ["uniform", "zipf"])
-@pytest.mark.parametrize("optimizer", ["sgd", "adagrad_rowwise"])
-def test_mba_update(benchmark, table, provider, dist, optimizer):
-    device, weight, freq, state = table
-    indices = make_indices(dist, device)
-    grad = 1e-3 * torch.randn(M, D, generator=torch.Generator().manual_seed(1)).to(device)
-    st = state if optimizer != "sgd" else None
-    fn = FNS[provider]
-    benchmark.group = f"mba_update {optimizer} {dist} {device} N={N} D={D} M={M}"
-    benchmark.extra_info.update(provider=provider, optimizer=optimizer, dist=dist, device=device,
-                                distinct=int(torch.unique(indices).numel()), threads=torch.get_num_threads())
-
-    def run():
-        fn(weight, indices, grad, freq, st, LR, LAM, optimizer)
-        _sync(device)
-
-    run()  # warm-up (and compilation) outside the timed rounds
-    rounds = int(os.environ.get("MBA_BENCH_ROUNDS", "0")) or (5 if provider in ("eager_sparse",) else 15)
-    benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
-    assert torch.isfinite(weight).all()
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("provider,mode,device,dtype", suite_params(MBA.BENCH))
+def test_mba_update(benchmark, config, provider, mode, device, dtype):
+    run_benchmark(benchmark, MBA.BENCH, CONFIGS[config], provider, mode, device, dtype)
+    benchmark.extra_info.update(config=config, threads=torch.get_num_threads())
 
 
 def report(path: str) -> str:
     """Markdown table (median ms, speedup of din_ops over each provider) from a benchmark JSON."""
-    data = json.load(open(path))
+    providers = list(MBA.PROVIDERS)
+    with open(path) as f:
+        data = json.load(f)
     rows = {}
     for b in data["benchmarks"]:
         e = b["extra_info"]
-        key = (e["device"], e["threads"], e["optimizer"], e["dist"], e["distinct"])
+        key = (e["device"], e["dtype"], e["threads"], e["mode"], e["config"], e["M"], e["U"])
         rows.setdefault(key, {})[e["provider"]] = b["stats"]["median"] * 1e3
-    out = ["| device | threads | optimizer | indices (distinct of 200k) | "
-           + " | ".join(f"{p} ms" for p in PROVIDERS) + " | din_ops speedup vs eager | vs compile |",
-           "|" + "---|" * (5 + len(PROVIDERS) + 1)]
-    for (device, threads, opt, dist, distinct), r in sorted(rows.items()):
-        cells = [f"{r[p]:.1f}" if p in r else "-" for p in PROVIDERS]
+    out = ["| device | dtype | threads | optimizer | indices (distinct) | "
+           + " | ".join(f"{p} ms" for p in providers) + " | din_ops speedup vs eager | vs compile |",
+           "|" + "---|" * (5 + len(providers) + 2)]
+    for (device, dt, threads, opt, config, m, u), r in sorted(rows.items()):
+        cells = [f"{r[p]:.2f}" if p in r else "-" for p in providers]
         sp = f"{r['eager'] / r['din_ops']:.1f}x" if "eager" in r and "din_ops" in r else "-"
         spc = f"{r['compile'] / r['din_ops']:.1f}x" if "compile" in r and "din_ops" in r else "-"
-        out.append(f"| {device} | {threads} | {opt} | {dist} ({distinct}) | " + " | ".join(cells) + f" | {sp} | {spc} |")
+        out.append(f"| {device} | {dt} | {threads} | {opt} | {config}: {m} ({u}) | " + " | ".join(cells)
+                   + f" | {sp} | {spc} |")
     return "\n".join(out)
 
 

@@ -43,7 +43,7 @@ class Case:
     indices: torch.Tensor      # [M] int64
     grad: torch.Tensor         # [M, D]
     freq: torch.Tensor         # [E] int64
-    state: torch.Tensor        # [E] float32 (row-wise Adagrad)
+    state: torch.Tensor        # [E] float32 (float64 for float64 tables): row-wise Adagrad
     B: int
     T: int
     distinct: int              # distinct indices in the batch
@@ -80,7 +80,7 @@ def make_case(B=2048, T=100, D=36, E=1_000_000, dtype=torch.float32, device="cpu
         indices=indices.to(device),
         grad=(1e-3 * torch.randn(M, D, generator=g)).to(device=device, dtype=dtype),
         freq=torch.randint(0, 1000, (E,), generator=g).to(device),
-        state=torch.zeros(E, device=device),
+        state=torch.zeros(E, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32),
         B=B, T=T, distinct=int(torch.unique(indices).numel()), dist=dist,
     )
 
