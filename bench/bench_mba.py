@@ -19,8 +19,11 @@ import sys
 import pytest
 import torch
 
-from din_ops.bench import mba as MBA
-from din_ops.bench.common import run_benchmark, suite_params
+if __name__ == "__main__":  # the report, also from a checkout without pip install -e
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from din_ops.bench import mba as MBA  # noqa: E402
+from din_ops.bench.common import run_benchmark, suite_params  # noqa: E402
 
 CONFIGS = {
     "uniform-200k": dict(B=2048, T=100, D=64, E=1_000_000, M=200_000, dist="uniform"),

@@ -284,6 +284,7 @@ class Runner:
                     skipped += n_rows
                     bar.update(n_rows)
                     continue
+                t_case = time.perf_counter()
                 try:
                     rows = self.run_case(bench, DTYPES[dt], tag, shape, bad, bar)
                 except KeyboardInterrupt:  # also SIGTERM (a `timeout`): keep what was measured
@@ -300,7 +301,7 @@ class Runner:
                 for r in rows:
                     writer.writerow(self.csv_row(r))
                 f.flush()
-                self.log(self.case_table(rows))
+                self.log(self.case_table(rows, time.perf_counter() - t_case))
         bar.close()
         self.log = log
         if skipped:
@@ -438,9 +439,9 @@ class Runner:
                 lines.append(fmt_row(b))
         return lines
 
-    def case_table(self, rows: List[Row]) -> str:
+    def case_table(self, rows: List[Row], seconds: float) -> str:
         r0 = rows[0]
-        title = f"\n{r0.op}  {r0.shape_str}  {r0.dtype}  ({self.machine.name})"
+        title = f"\n{r0.op}  {r0.shape_str}  {r0.dtype}  [{r0.sweep}, {seconds:.0f} s]"
         return "\n".join([title] + self.table_lines(rows))
 
     def _find(self, op, provider, mode, dtype="fp32", **shape) -> Optional[Row]:
