@@ -188,10 +188,10 @@ class Runner:
                              git_rev=_git_rev())
 
     def provider_names(self, bench: OpBench) -> List[str]:
-        names = [p for p in bench.providers if p not in self.preset.skip_providers]
+        """``--providers`` if given (it overrides the preset's skip list), else the preset's."""
         if self.providers:
-            names = [p for p in names if p in self.providers]
-        return names
+            return [p for p in bench.providers if p in self.providers]
+        return [p for p in bench.providers if p not in self.preset.skip_providers]
 
     # start-up check: small odd shapes, float64 on CPU (float32 on CUDA), both normalizations
     def self_check(self) -> Dict[Tuple[str, str], str]:
