@@ -12,6 +12,7 @@ copy rate.
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import time
 from typing import Dict
@@ -36,14 +37,20 @@ class Machine:
 
 
 def cpu_name() -> str:
+    """Model name, logical CPUs and the widest vector extension (a VM may hide the model)."""
+    name, flags = "", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if line.startswith("model name") and not name:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = name or platform.processor() or platform.machine()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    return f"{name} ({os.cpu_count()} CPUs{', ' + isa if isa else ''})"
 
 
 def device_name(device) -> str:

@@ -36,7 +36,7 @@ from . import attention_pooling as _attention
 from . import dice as _dice
 from . import mba as _mba
 from .common import DTYPE_NAMES, DTYPES, TOLERANCE, OpBench, Timer, sync
-from .machine import Machine, calibrate
+from .machine import Machine, calibrate, device_name
 from .memory import peak_bytes
 
 BENCHES: Dict[str, OpBench] = {b.name: b for b in (_attention.BENCH, _dice.BENCH, _mba.BENCH)}
@@ -253,7 +253,7 @@ class Runner:
 
     def run(self) -> int:
         t_start = time.perf_counter()
-        dev_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        dev_name = device_name(self.device)
         self.log(f"din_ops {din_ops.__version__} benchmark on {self.device} ({dev_name}), torch "
                  f"{torch.__version__}, {torch.get_num_threads()} CPU threads")
         bad = self.self_check()
