@@ -1,0 +1,1 @@
+from . import attention_pooling  # noqa: F401
