@@ -6,8 +6,9 @@ output, the attention weights and the gradient of every input and parameter with
 (autograd through the materialized ``[q, k, q - k, q * k]`` MLP).
 
 Tolerances (max abs error relative to the reference's largest magnitude): float64 1e-10;
-float32 1e-5 (interpreter; 1e-4 on GPU: fp32 products use 3xTF32); float16 / bfloat16 5e-3 /
-4e-2 on the outputs and 2e-2 / 1e-1 on gradients (the reference itself runs in that dtype).
+float32 1e-5 under the interpreter, on GPU 3e-3 (5e-3 for gradients) with the default TF32
+products or 1e-4 with 3xTF32; float16 / bfloat16 5e-3 / 4e-2 on the outputs and 2e-2 / 1e-1 on
+gradients (the reference itself runs in that dtype).
 Grids are tiny and tiles small (CONFIG.block_m=16) so rows span several tiles.
 """
 import contextlib
@@ -31,7 +32,10 @@ GRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torc
 def _tol(dtype, device, grad=False):
     t = (GRAD_TOL if grad else TOL)[dtype]
     if device == "cuda" and dtype == torch.float32:
-        t = 1e-4
+        # fp32 products on tensor cores: TF32 (10-bit mantissa) unless 3xTF32 is configured
+        precise = tap.CONFIG.fp32_precision in ("tf32x3", "ieee") and \
+            tap.CONFIG.fp32_precision_bwd in ("tf32x3", "ieee")
+        t = 1e-4 if precise else (5e-3 if grad else 3e-3)
     return t
 
 
@@ -154,12 +158,7 @@ def check(case, normalization="none", scale=0.7, training=True, backend="triton"
     dtype = case["query"].dtype
     with _run(backend, **cfg):
         out, attn, grads = _evaluate(din_ops.attention_pooling, case, normalization, scale, training)
-    # the reference runs in float64 for float64/float32 and in the input dtype otherwise
-    if dtype in (torch.float16, torch.bfloat16):
-        rcase = case
-    else:
-        rcase = case
-    r_out, r_attn, r_grads = _evaluate(ref.attention_pooling, rcase, normalization, scale, training)
+    r_out, r_attn, r_grads = _evaluate(ref.attention_pooling, case, normalization, scale, training)
     _close(out, r_out, _tol(dtype, device), "out")
     _close(attn, r_attn, _tol(dtype, device), "attn")
     assert grads.keys() == r_grads.keys()

@@ -72,6 +72,7 @@ from typing import List, Optional
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .._library import register_triton, triton_interpret
 
@@ -90,7 +91,9 @@ class _Config:
     num_stages: int = 1
     programs_per_sm: int = 8
     interpreter_programs: int = 3  # under TRITON_INTERPRET every program costs; 3 still strides
-    fp32_precision: str = "tf32x3"
+    fp32_precision: str = "tf32"
+    fp32_precision_bwd: str = "tf32"  # backward and statistics
+    hoist_weights: bool = True  # forward: let the compiler keep hidden-layer weights across tiles
     use_atomics: bool = True  # only outside deterministic mode
 
 
@@ -115,6 +118,11 @@ def configure(**kwargs):
 # ------------------------------------------------------------------------------------------------
 # jit helpers
 # ------------------------------------------------------------------------------------------------
+# _KEEP_IN_LOOP: weight loads take a ``live`` mask term that is true but not provably so
+# (``t0 < n`` inside the tile loop, ``n >= 0`` per row). Without it the compiler hoists the
+# loop-invariant loads, and each hoisted matrix-product operand then occupies its own
+# shared-memory buffer for the whole loop (two with 3xTF32): with hidden sizes like
+# (200, 80, 40) that overflows the 227 KiB of an H100/H200 SM. Reloads hit L1/L2.
 @triton.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
@@ -142,20 +150,30 @@ def _vec(ptr, N, NP: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _w0T(w0_ptr, D, H0, part, DP: tl.constexpr, HP0: tl.constexpr, ACC: tl.constexpr):
-    # block ``part`` (0 q, 1 k, 2 q-k, 3 q*k) of W0 [H0, 4D], transposed: [DP, HP0]
+def _w0T(w0_ptr, D, H0, part, live, DP: tl.constexpr, HP0: tl.constexpr, ACC: tl.constexpr):
+    # block ``part`` (0 q, 1 k, 2 q-k, 3 q*k) of W0 [H0, 4D], transposed: [DP, HP0].
+    # ``live``: see _KEEP_IN_LOOP
     d = tl.arange(0, DP)
     h = tl.arange(0, HP0)
-    mask = (d[:, None] < D) & (h[None, :] < H0)
+    mask = (d[:, None] < D) & (h[None, :] < H0) & live
     return tl.load(w0_ptr + h[None, :] * (4 * D) + part * D + d[:, None], mask=mask, other=0).to(ACC)
 
 
 @triton.jit
-def _wT(w_ptr, K, N, KP: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr):
+def _w0(w0_ptr, D, H0, part, live, DP: tl.constexpr, HP0: tl.constexpr, ACC: tl.constexpr):
+    # block ``part`` of W0 [H0, 4D] as stored: [HP0, DP]
+    d = tl.arange(0, DP)
+    h = tl.arange(0, HP0)
+    mask = (h[:, None] < H0) & (d[None, :] < D) & live
+    return tl.load(w0_ptr + h[:, None] * (4 * D) + part * D + d[None, :], mask=mask, other=0).to(ACC)
+
+
+@triton.jit
+def _wT(w_ptr, K, N, live, KP: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr):
     # W [N, K] (nn.Linear layout) transposed: [KP, NP]
     k = tl.arange(0, KP)
     n = tl.arange(0, NP)
-    mask = (k[:, None] < K) & (n[None, :] < N)
+    mask = (k[:, None] < K) & (n[None, :] < N) & live
     return tl.load(w_ptr + n[None, :] * K + k[:, None], mask=mask, other=0).to(ACC)
 
 
@@ -165,9 +183,18 @@ def _mm(a, b, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _dense(h, w_ptr, b_ptr, K, N, KP: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr,
+def _layer0(Kx, KQ, C0x, w0, D, H0, live, DP: tl.constexpr, HP0: tl.constexpr, ACC: tl.constexpr,
+            DOT: tl.constexpr, PREC: tl.constexpr):
+    # z0 = K (Wk - Wd)^T + (K * q) Wp^T + c
+    WkdT = _w0T(w0, D, H0, 1, live, DP, HP0, ACC) - _w0T(w0, D, H0, 2, live, DP, HP0, ACC)
+    WpT = _w0T(w0, D, H0, 3, live, DP, HP0, ACC)
+    return _mm(Kx, WkdT, DOT, PREC, ACC) + _mm(KQ, WpT, DOT, PREC, ACC) + C0x
+
+
+@triton.jit
+def _dense(h, w_ptr, b_ptr, K, N, live, KP: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr,
            DOT: tl.constexpr, PREC: tl.constexpr):
-    return _mm(h, _wT(w_ptr, K, N, KP, NP, ACC), DOT, PREC, ACC) + _vec(b_ptr, N, NP, ACC)[None, :]
+    return _mm(h, _wT(w_ptr, K, N, live, KP, NP, ACC), DOT, PREC, ACC) + _vec(b_ptr, N, NP, ACC)[None, :]
 
 
 @triton.jit
@@ -249,7 +276,7 @@ def _act_bwd(dh, z, a_ptr, m_ptr, v_ptr, g_ptr, e_ptr, H, eps, HP: tl.constexpr,
 @triton.jit
 def _hidden_fwd(z0, w1, b1, w2, b2, w3, b3,
                 a0, m0, v0, g0, e0, a1, m1, v1, g1, e1, a2, m2, v2, g2, e2, a3, m3, v3, g3, e3,
-                H0, H1, H2, H3, eps, NA: tl.constexpr, ACT: tl.constexpr, HAS_G: tl.constexpr,
+                H0, H1, H2, H3, eps, live, NA: tl.constexpr, ACT: tl.constexpr, HAS_G: tl.constexpr,
                 HAS_BE: tl.constexpr, HP0: tl.constexpr, HP1: tl.constexpr, HP2: tl.constexpr,
                 HP3: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     # the NA activated layers: h0 = act(z0), z_i = h_{i-1} W_i^T + b_i, h_i = act(z_i)
@@ -263,13 +290,13 @@ def _hidden_fwd(z0, w1, b1, w2, b2, w3, b3,
     if NA >= 1:
         h0 = _act_fwd(z0, a0, m0, v0, g0, e0, H0, eps, HP0, ACT, HAS_G, HAS_BE, ACC)
     if NA >= 2:
-        z1 = _dense(h0, w1, b1, H0, H1, HP0, HP1, ACC, DOT, PREC)
+        z1 = _dense(h0, w1, b1, H0, H1, live, HP0, HP1, ACC, DOT, PREC)
         h1 = _act_fwd(z1, a1, m1, v1, g1, e1, H1, eps, HP1, ACT, HAS_G, HAS_BE, ACC)
     if NA >= 3:
-        z2 = _dense(h1, w2, b2, H1, H2, HP1, HP2, ACC, DOT, PREC)
+        z2 = _dense(h1, w2, b2, H1, H2, live, HP1, HP2, ACC, DOT, PREC)
         h2 = _act_fwd(z2, a2, m2, v2, g2, e2, H2, eps, HP2, ACT, HAS_G, HAS_BE, ACC)
     if NA >= 4:
-        z3 = _dense(h2, w3, b3, H2, H3, HP2, HP3, ACC, DOT, PREC)
+        z3 = _dense(h2, w3, b3, H2, H3, live, HP2, HP3, ACC, DOT, PREC)
         h3 = _act_fwd(z3, a3, m3, v3, g3, e3, H3, eps, HP3, ACT, HAS_G, HAS_BE, ACC)
     return h0, z1, h1, z2, h2, z3, h3
 
@@ -362,7 +389,8 @@ def _fwd_kernel(q_ptr, k_ptr, len_ptr, off_ptr, out_ptr, attn_ptr, sbuf_ptr,
                 HAS_BE: tl.constexpr, SOFTMAX: tl.constexpr, SCRATCH: tl.constexpr,
                 CB: tl.constexpr, BT: tl.constexpr, DP: tl.constexpr,
                 HP0: tl.constexpr, HP1: tl.constexpr, HP2: tl.constexpr, HP3: tl.constexpr,
-                HPL: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+                HPL: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                HOIST: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     M: tl.constexpr = BT * CB
@@ -381,18 +409,18 @@ def _fwd_kernel(q_ptr, k_ptr, len_ptr, off_ptr, out_ptr, attn_ptr, sbuf_ptr,
         b = job // n_cblk
         cb = job % n_cblk
         start, n = _row_extent(b, len_ptr, off_ptr, T, LAYOUT)
+        jlive = n >= 0  # see _KEEP_IN_LOOP
         c_glob = cb * CB + c_in
         c_ok = c_glob < C
         cc = cb * CB + offs_c
         cc_ok = cc < C
         qrow = b.to(tl.int64) * C
         # folded layer 0 (SPEC section 1): z0 = (Wk - Wd + Wp diag(q)) k + (Wq + Wd) q + b0
-        WkdT = _w0T(w0, D, H0, 1, DP, HP0, ACC) - _w0T(w0, D, H0, 2, DP, HP0, ACC)
-        WqdT = _w0T(w0, D, H0, 0, DP, HP0, ACC) + _w0T(w0, D, H0, 2, DP, HP0, ACC)
-        WpT = _w0T(w0, D, H0, 3, DP, HP0, ACC)
+        WqdT = _w0T(w0, D, H0, 0, jlive, DP, HP0, ACC) + _w0T(w0, D, H0, 2, jlive, DP, HP0, ACC)
         if CB == 1:
             q = tl.load(q_ptr + (qrow + cb) * D + offs_d, mask=d_ok, other=0).to(ACC)
-            AT = WkdT + WpT * q[:, None]
+            AT = (_w0T(w0, D, H0, 1, jlive, DP, HP0, ACC) - _w0T(w0, D, H0, 2, jlive, DP, HP0, ACC)
+                  + _w0T(w0, D, H0, 3, jlive, DP, HP0, ACC) * q[:, None])
             c0 = tl.sum(WqdT * q[:, None], axis=0) + bias0
         else:
             Qx = tl.load(q_ptr + (qrow + c_glob)[:, None] * D + offs_d[None, :],
@@ -411,15 +439,19 @@ def _fwd_kernel(q_ptr, k_ptr, len_ptr, off_ptr, out_ptr, attn_ptr, sbuf_ptr,
             t = t0 + t_in
             t_ok = t < n
             ok = t_ok & c_ok
+            if HOIST:
+                wlive = True
+            else:
+                wlive = t0 < n
             Kx = tl.load(k_ptr + (start + t)[:, None] * D + offs_d[None, :],
                          mask=t_ok[:, None] & d_ok[None, :], other=0).to(ACC)
             if CB == 1:
                 z0 = _mm(Kx, AT, DOT, PREC, ACC) + c0[None, :]
             else:
-                z0 = _mm(Kx, WkdT, DOT, PREC, ACC) + _mm(Kx * Qx, WpT, DOT, PREC, ACC) + C0x
+                z0 = _layer0(Kx, Kx * Qx, C0x, w0, D, H0, wlive, DP, HP0, ACC, DOT, PREC)
             h0, z1, h1, z2, h2, z3, h3 = _hidden_fwd(
                 z0, w1, b1, w2, b2, w3, b3, a0, m0, v0, g0, e0, a1, m1, v1, g1, e1, a2, m2, v2, g2, e2,
-                a3, m3, v3, g3, e3, H0, H1, H2, H3, eps, NH, ACT, HAS_G, HAS_BE, HP0, HP1, HP2, HP3,
+                a3, m3, v3, g3, e3, H0, H1, H2, H3, eps, wlive, NH, ACT, HAS_G, HAS_BE, HP0, HP1, HP2, HP3,
                 ACC, DOT, PREC)
             if NH == 0:
                 s = tl.sum(z0, axis=1)  # layer 0 is the output layer: only column 0 is non-zero
@@ -545,14 +577,13 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
         b = job // n_cblk
         cb = job % n_cblk
         start, n = _row_extent(b, len_ptr, off_ptr, T, LAYOUT)
+        jlive = n >= 0  # see _KEEP_IN_LOOP
         c_glob = cb * CB + c_in
         c_ok = c_glob < C
         cc = cb * CB + offs_c
         cc_ok = cc < C
         qrow = b.to(tl.int64) * C
-        WkdT = _w0T(w0, D, H0, 1, DP, HP0, ACC) - _w0T(w0, D, H0, 2, DP, HP0, ACC)
-        WqdT = _w0T(w0, D, H0, 0, DP, HP0, ACC) + _w0T(w0, D, H0, 2, DP, HP0, ACC)
-        WpT = _w0T(w0, D, H0, 3, DP, HP0, ACC)
+        WqdT = _w0T(w0, D, H0, 0, jlive, DP, HP0, ACC) + _w0T(w0, D, H0, 2, jlive, DP, HP0, ACC)
         Qx = tl.load(q_ptr + (qrow + c_glob)[:, None] * D + offs_d[None, :],
                      mask=c_ok[:, None] & d_ok[None, :], other=0).to(ACC)
         C0x = _mm(Qx, WqdT, DOT, PREC, ACC) + bias0[None, :]
@@ -590,10 +621,11 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
             Kx = tl.load(k_ptr + (start + t)[:, None] * D + offs_d[None, :],
                          mask=t_ok[:, None] & d_ok[None, :], other=0).to(ACC)
             KQ = Kx * Qx
-            z0 = _mm(Kx, WkdT, DOT, PREC, ACC) + _mm(KQ, WpT, DOT, PREC, ACC) + C0x
+            wlive = t0 < n  # see _KEEP_IN_LOOP
+            z0 = _layer0(Kx, KQ, C0x, w0, D, H0, wlive, DP, HP0, ACC, DOT, PREC)
             h0, z1, h1, z2, h2, z3, h3 = _hidden_fwd(
                 z0, w1, b1, w2, b2, w3, b3, a0, m0, v0, g0, e0, a1, m1, v1, g1, e1, a2, m2, v2, g2, e2,
-                a3, m3, v3, g3, e3, H0, H1, H2, H3, eps, NA, ACT, HAS_G, HAS_BE, HP0, HP1, HP2, HP3,
+                a3, m3, v3, g3, e3, H0, H1, H2, H3, eps, wlive, NA, ACT, HAS_G, HAS_BE, HP0, HP1, HP2, HP3,
                 ACC, DOT, PREC)
             # gradient at the head
             if MODE == 0:
@@ -620,7 +652,7 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
                     zS = z0
                 else:
                     hl = _last(h0, h1, h2, h3, NA)
-                    WhT = _wT(wh, HL, HH, HPL, HPH, ACC)
+                    WhT = _wT(wh, HL, HH, wlive, HPL, HPH, ACC)
                     zS = _mm(hl, WhT, DOT, PREC, ACC) + _vec(bh, HH, HPH, ACC)[None, :]
                 # d(mean)/dz = 1/n, d(biased var)/dz = 2 (z - mean) / n on every valid pair
                 dzS = tl.where(ok[:, None] & hh_ok[None, :],
@@ -641,7 +673,7 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
                     dX3 += tl.sum(ux, axis=0)
                 dW3 += _mm(tl.trans(dz), h2, DOT, PREC, ACC)
                 dB3 += tl.sum(dz, axis=0)
-                dh = _mm(dz, tl.trans(_wT(w3, H2, H3, HP2, HP3, ACC)), DOT, PREC, ACC)
+                dh = _mm(dz, tl.trans(_wT(w3, H2, H3, wlive, HP2, HP3, ACC)), DOT, PREC, ACC)
             if NA >= 3:
                 dz, da, u, ux = _act_bwd(dh, z2, a2, m2, v2, g2, e2, H2, eps, HP2, ACT, HAS_G, HAS_BE, ACC)
                 if ACT >= 3:
@@ -651,7 +683,7 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
                     dX2 += tl.sum(ux, axis=0)
                 dW2 += _mm(tl.trans(dz), h1, DOT, PREC, ACC)
                 dB2 += tl.sum(dz, axis=0)
-                dh = _mm(dz, tl.trans(_wT(w2, H1, H2, HP1, HP2, ACC)), DOT, PREC, ACC)
+                dh = _mm(dz, tl.trans(_wT(w2, H1, H2, wlive, HP1, HP2, ACC)), DOT, PREC, ACC)
             if NA >= 2:
                 dz, da, u, ux = _act_bwd(dh, z1, a1, m1, v1, g1, e1, H1, eps, HP1, ACT, HAS_G, HAS_BE, ACC)
                 if ACT >= 3:
@@ -661,7 +693,7 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
                     dX1 += tl.sum(ux, axis=0)
                 dW1 += _mm(tl.trans(dz), h0, DOT, PREC, ACC)
                 dB1 += tl.sum(dz, axis=0)
-                dh = _mm(dz, tl.trans(_wT(w1, H0, H1, HP0, HP1, ACC)), DOT, PREC, ACC)
+                dh = _mm(dz, tl.trans(_wT(w1, H0, H1, wlive, HP0, HP1, ACC)), DOT, PREC, ACC)
             if NA >= 1:
                 dz0, da, u, ux = _act_bwd(dh, z0, a0, m0, v0, g0, e0, H0, eps, HP0, ACT, HAS_G, HAS_BE, ACC)
                 if ACT >= 3:
@@ -673,8 +705,9 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
             dWkd += _mm(tl.trans(dz0), Kx, DOT, PREC, ACC)
             dWp += _mm(tl.trans(dz0), KQ, DOT, PREC, ACC)
             dc_acc += dz0
-            Pm = _mm(dz0, tl.trans(WpT), DOT, PREC, ACC)
-            dK_mlp = _mm(dz0, tl.trans(WkdT), DOT, PREC, ACC) + Pm * Qx
+            Pm = _mm(dz0, _w0(w0, D, H0, 3, wlive, DP, HP0, ACC), DOT, PREC, ACC)
+            Wkd = _w0(w0, D, H0, 1, wlive, DP, HP0, ACC) - _w0(w0, D, H0, 2, wlive, DP, HP0, ACC)
+            dK_mlp = _mm(dz0, Wkd, DOT, PREC, ACC) + Pm * Qx
             if MODE == 0:
                 dKx += dK_mlp
             else:
@@ -769,12 +802,11 @@ def _stats_kernel(q_ptr, k_ptr, len_ptr, off_ptr, part_ptr,
         b = job // n_cblk
         cb = job % n_cblk
         start, n = _row_extent(b, len_ptr, off_ptr, T, LAYOUT)
+        jlive = n >= 0  # see _KEEP_IN_LOOP
         c_glob = cb * CB + c_in
         c_ok = c_glob < C
         qrow = b.to(tl.int64) * C
-        WkdT = _w0T(w0, D, H0, 1, DP, HP0, ACC) - _w0T(w0, D, H0, 2, DP, HP0, ACC)
-        WqdT = _w0T(w0, D, H0, 0, DP, HP0, ACC) + _w0T(w0, D, H0, 2, DP, HP0, ACC)
-        WpT = _w0T(w0, D, H0, 3, DP, HP0, ACC)
+        WqdT = _w0T(w0, D, H0, 0, jlive, DP, HP0, ACC) + _w0T(w0, D, H0, 2, jlive, DP, HP0, ACC)
         Qx = tl.load(q_ptr + (qrow + c_glob)[:, None] * D + offs_d[None, :],
                      mask=c_ok[:, None] & d_ok[None, :], other=0).to(ACC)
         C0x = _mm(Qx, WqdT, DOT, PREC, ACC) + bias0[None, :]
@@ -784,15 +816,16 @@ def _stats_kernel(q_ptr, k_ptr, len_ptr, off_ptr, part_ptr,
             ok = t_ok & c_ok
             Kx = tl.load(k_ptr + (start + t)[:, None] * D + offs_d[None, :],
                          mask=t_ok[:, None] & d_ok[None, :], other=0).to(ACC)
-            z0 = _mm(Kx, WkdT, DOT, PREC, ACC) + _mm(Kx * Qx, WpT, DOT, PREC, ACC) + C0x
+            wlive = t0 < n  # see _KEEP_IN_LOOP
+            z0 = _layer0(Kx, Kx * Qx, C0x, w0, D, H0, wlive, DP, HP0, ACC, DOT, PREC)
             h0, z1, h1, z2, h2, z3, h3 = _hidden_fwd(
                 z0, w1, b1, w2, b2, w3, b3, a0, m0, v0, g0, e0, a1, m1, v1, g1, e1, a2, m2, v2, g2, e2,
-                a3, m3, v3, g3, e3, H0, H1, H2, H3, eps, NA, ACT, HAS_G, HAS_BE, HP0, HP1, HP2, HP3,
+                a3, m3, v3, g3, e3, H0, H1, H2, H3, eps, wlive, NA, ACT, HAS_G, HAS_BE, HP0, HP1, HP2, HP3,
                 ACC, DOT, PREC)
             if NA == 0:
                 zS = z0
             else:
-                zS = _dense(_last(h0, h1, h2, h3, NA), wh, bh, HL, HH, HPL, HPH, ACC, DOT, PREC)
+                zS = _dense(_last(h0, h1, h2, h3, NA), wh, bh, HL, HH, wlive, HPL, HPH, ACC, DOT, PREC)
             # Chan's merge of this tile's (count, mean, M2) into the program's
             okf = ok.to(ACC)
             nt = tl.sum(okf, axis=0)
@@ -826,12 +859,15 @@ def _split(x: float):
     return hi, lo
 
 
-def _types(dtype):
+def _types(dtype, device, backward):
+    """(accumulation dtype, matrix-product operand dtype, fp32 input precision)."""
     if dtype == torch.float64:
         return tl.float64, tl.float64, "ieee"
     if dtype == torch.float32:
-        return tl.float32, tl.float32, CONFIG.fp32_precision
-    return tl.float32, tl.float32, "tf32"
+        return tl.float32, tl.float32, CONFIG.fp32_precision_bwd if backward else CONFIG.fp32_precision
+    if device.type == "cuda":  # operands in the input dtype: twice the tensor-core rate, half the bytes
+        return tl.float32, (tl.float16 if dtype == torch.float16 else tl.bfloat16), "ieee"
+    return tl.float32, tl.float32, "ieee"  # the interpreter computes bf16 products wrongly
 
 
 def _num_programs(jobs: int, device) -> int:
@@ -851,7 +887,7 @@ class _Problem:
     """Shapes, layout and kernel arguments shared by the four launchers."""
 
     def __init__(self, query, keys, lengths, offsets, weights, biases, act_weights, norm_mean,
-                 norm_var, norm_weight, norm_bias, activation, n_act, block_m, max_cb):
+                 norm_var, norm_weight, norm_bias, activation, n_act, block_m, max_cb, backward=False):
         if n_act > MAX_HIDDEN:
             raise ValueError(f"the Triton attention_pooling kernels support at most {MAX_HIDDEN} hidden "
                              f"layers, got {n_act}")
@@ -922,7 +958,7 @@ class _Problem:
         else:
             head = [dummy, dummy]
         self.w_args = [self.weights[0], self.biases[0]] + wl + head
-        self.ACC, self.DOT, self.PREC = _types(self.dtype)
+        self.ACC, self.DOT, self.PREC = _types(self.dtype, self.device, backward)
         # tiles: CB candidates x BT positions
         self.CB = min(triton.next_power_of_2(self.C), max_cb)
         self.n_cblk = -(-self.C // self.CB)
@@ -939,6 +975,35 @@ class _Problem:
 
     def hp(self):
         return dict(HP0=self.HP[0], HP1=self.HP[1], HP2=self.HP[2], HP3=self.HP[3], HPL=self.HPL)
+
+
+_FALLBACK = {}
+
+
+def _launch(kernel, grid, args, kw):
+    """Launches ``kernel``. A variant that needs more shared memory than the SM has (large hidden
+    layers: one product's operands alone can exceed it) is retried with cheaper ones, 3xTF32 ->
+    TF32 and then half the tile's rows down to 16; the working variant is remembered."""
+    key = (kernel.__name__ if hasattr(kernel, "__name__") else id(kernel),
+           tuple(sorted((k, str(v)) for k, v in kw.items())))
+    kw = dict(kw, **_FALLBACK.get(key, {}))
+    changed = {}
+    while True:
+        try:
+            kernel[(grid,)](*args, **kw)
+            break
+        except OutOfResources as e:
+            if kw.get("PREC") == "tf32x3":
+                changed["PREC"] = kw["PREC"] = "tf32"
+            elif kw["BT"] * kw["CB"] > 16 and kw["BT"] > 1:
+                changed["BT"] = kw["BT"] = kw["BT"] // 2
+            else:
+                raise RuntimeError(
+                    "din_ops.attention_pooling: the MLP's layers are too wide for one GPU "
+                    f"multiprocessor's shared memory in {args[0].dtype} ({e}); use float32 or "
+                    "bfloat16 inputs or narrower layers") from e
+    if changed:
+        _FALLBACK[key] = dict(_FALLBACK.get(key, {}), **changed)
 
 
 def _acc_torch(dtype):
@@ -961,12 +1026,13 @@ def attention_pooling(query, keys, lengths, offsets, weights, biases, act_weight
     softmax = normalization == "softmax"
     scratch = softmax and pb.dtype in (torch.float16, torch.bfloat16)
     sbuf = torch.empty(attn_shape, dtype=torch.float32, device=pb.device) if scratch else attn
-    _fwd_kernel[(pb.grid,)](
+    _launch(_fwd_kernel, pb.grid, (
         pb.q, pb.k, pb.len_t, pb.off_t, out, attn, sbuf, *pb.w_args, *pb.act_args,
-        *pb.dims(), pb.HL, pb.n_cblk, pb.n_jobs, *_split(scale), *_split(eps),
+        *pb.dims(), pb.HL, pb.n_cblk, pb.n_jobs, *_split(scale), *_split(eps)), dict(
         LAYOUT=pb.layout, NH=pb.n_act, ACT=pb.act, HAS_G=pb.has_g, HAS_BE=pb.has_be,
         SOFTMAX=softmax, SCRATCH=scratch, CB=pb.CB, BT=pb.BT, DP=pb.DP, **pb.hp(),
-        ACC=pb.ACC, DOT=pb.DOT, PREC=pb.PREC, num_warps=CONFIG.num_warps, num_stages=CONFIG.num_stages)
+        ACC=pb.ACC, DOT=pb.DOT, PREC=pb.PREC, HOIST=CONFIG.hoist_weights,
+        num_warps=CONFIG.num_warps, num_stages=CONFIG.num_stages))
     return out, attn
 
 
@@ -1002,7 +1068,7 @@ def _backward(mode, grad_out, grad_attn, attn, grad_mean, grad_var, mean, query,
               normalization, scale, eps):
     n_act = len(weights) - 1
     pb = _Problem(query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var,
-                  norm_weight, norm_bias, activation, n_act, CONFIG.block_m_bwd, CONFIG.max_cb)
+                  norm_weight, norm_bias, activation, n_act, CONFIG.block_m_bwd, CONFIG.max_cb, backward=True)
     dev, dtype = pb.device, pb.dtype
     acc_t = _acc_torch(dtype)
     BC = pb.B * pb.C
@@ -1036,14 +1102,14 @@ def _backward(mode, grad_out, grad_attn, attn, grad_mean, grad_var, mean, query,
             go = ga = at = pb.q
             gm, gv, mn = grad_mean.contiguous(), grad_var.contiguous(), mean.contiguous()
             cnt = _valid_count(pb, lengths, acc_t)
-        _bwd_kernel[(G,)](
+        _launch(_bwd_kernel, G, (
             go, ga, at, gm, gv, mn, cnt, pb.q, pb.k, pb.len_t, pb.off_t, dq, dk, dc, part, offtab,
             *pb.w_args, *pb.act_args, *pb.dims(), pb.HL, pb.HH, pb.n_cblk, pb.n_jobs, dk_slice, P,
-            *_split(scale), *_split(eps),
+            *_split(scale), *_split(eps)), dict(
             MODE=mode, LAYOUT=pb.layout, NA=n_act, ACT=pb.act, HAS_G=pb.has_g, HAS_BE=pb.has_be,
             SOFTMAX=normalization == "softmax", HAS_GA=grad_attn is not None, CB=pb.CB, BT=pb.BT,
             DP=pb.DP, **pb.hp(), HPH=pb.HPH, ACC=pb.ACC, DOT=pb.DOT, PREC=pb.PREC, ATOMIC=atomic,
-            num_warps=CONFIG.num_warps_bwd, num_stages=CONFIG.num_stages)
+            num_warps=CONFIG.num_warps_bwd, num_stages=CONFIG.num_stages))
     else:
         dq.zero_()
         dc.zero_()
@@ -1126,7 +1192,7 @@ def attention_pooling_stats(query, keys, lengths, offsets, weights, biases, act_
                             norm_var, norm_weight, norm_bias, activation, eps):
     n_act = len(weights) - 1
     pb = _Problem(query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var,
-                  norm_weight, norm_bias, activation, n_act, CONFIG.block_m, CONFIG.max_cb)
+                  norm_weight, norm_bias, activation, n_act, CONFIG.block_m, CONFIG.max_cb, backward=True)
     acc_t = _acc_torch(pb.dtype)
     HH = pb.HH
     G = pb.grid
@@ -1134,12 +1200,12 @@ def attention_pooling_stats(query, keys, lengths, offsets, weights, biases, act_
         z = torch.zeros(HH, dtype=acc_t, device=pb.device)
         return z, z.clone()
     part = torch.empty((G, 3, HH), dtype=acc_t, device=pb.device)
-    _stats_kernel[(G,)](
+    _launch(_stats_kernel, G, (
         pb.q, pb.k, pb.len_t, pb.off_t, part, *pb.w_args, *pb.act_args, *pb.dims(), pb.HL, HH,
-        pb.n_cblk, pb.n_jobs, *_split(eps),
+        pb.n_cblk, pb.n_jobs, *_split(eps)), dict(
         LAYOUT=pb.layout, NA=n_act, ACT=pb.act, HAS_G=pb.has_g, HAS_BE=pb.has_be, CB=pb.CB, BT=pb.BT,
         DP=pb.DP, **pb.hp(), HPH=pb.HPH, ACC=pb.ACC, DOT=pb.DOT, PREC=pb.PREC,
-        num_warps=CONFIG.num_warps, num_stages=CONFIG.num_stages)
+        num_warps=CONFIG.num_warps, num_stages=CONFIG.num_stages))
     # merge the programs' (count, mean, M2) in float64, in program order
     p = part.to(torch.float64)
     n_i, mu_i, m2_i = p[:, 0], p[:, 1], p[:, 2]
