@@ -350,3 +350,67 @@ def test_triton_too_many_layers(device, backend):
     with _run(backend), pytest.raises(ValueError, match="at most 4 hidden"):
         din_ops.attention_pooling(case["query"], case["keys"], case["weights"], case["biases"],
                                   lengths=case["lengths"])
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+def test_triton_gradcheck(device, backend, normalization):
+    # the kernels' backward against finite differences of their own forward (dice in training:
+    # the statistics ops and their backward take part)
+    case = make_case(B=2, T=3, D=2, hidden=(3,), activation="dice", affine=True, device=device)
+    names = ["query", "keys", "weights", "biases", "dice_alpha", "dice_gamma"]
+    flat, spec = [], []
+    for name in names:
+        v = case[name]
+        for i, t in enumerate(v if isinstance(v, list) else [v]):
+            flat.append(t.detach().clone().requires_grad_(True))
+            spec.append((name, isinstance(v, list)))
+
+    def fn(*tensors):
+        kw, it = {}, iter(tensors)
+        for (name, is_list), t in zip(spec, it):
+            if is_list:
+                kw.setdefault(name, []).append(t)
+            else:
+                kw[name] = t
+        return din_ops.attention_pooling(
+            kw["query"], kw["keys"], kw["weights"], kw["biases"], lengths=case["lengths"],
+            activation="dice", dice_alpha=kw["dice_alpha"], dice_gamma=kw["dice_gamma"],
+            dice_beta=case["dice_beta"], normalization=normalization, scale=0.9, return_weights=True)
+
+    with _run(backend):
+        assert torch.autograd.gradcheck(fn, tuple(flat), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_triton_shared_memory_fallback():
+    # a variant the GPU cannot fit is retried with 3xTF32 -> TF32, then fewer tile rows
+    from triton.runtime.errors import OutOfResources
+
+    calls = []
+
+    class FakeKernel:
+        __name__ = "fake"
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                calls.append((kw["PREC"], kw["BT"]))
+                if kw["PREC"] == "tf32x3" or kw["BT"] > 16:
+                    raise OutOfResources(300000, 232448, "shared memory")
+            return launch
+
+    tap._FALLBACK.clear()
+    tap._launch(FakeKernel(), 1, (torch.zeros(1),), dict(PREC="tf32x3", BT=64, CB=1))
+    assert calls == [("tf32x3", 64), ("tf32", 64), ("tf32", 32), ("tf32", 16)]
+    calls.clear()
+    tap._launch(FakeKernel(), 1, (torch.zeros(1),), dict(PREC="tf32x3", BT=64, CB=1))
+    assert calls == [("tf32", 16)]  # remembered
+
+    class Never(FakeKernel):
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                raise OutOfResources(300000, 232448, "shared memory")
+            return launch
+
+    with pytest.raises(RuntimeError, match="too wide"):
+        tap._launch(Never(), 1, (torch.zeros(1, dtype=torch.float64),), dict(PREC="ieee", BT=16, CB=1))
+    tap._FALLBACK.clear()

@@ -31,43 +31,57 @@ Design
   interpreter, or CPU tensors) writes one partial row per program to a ``[num_programs, P]``
   buffer reduced by ``torch.sum`` (fixed order); otherwise programs ``tl.atomic_add`` their row.
   The layer-0 terms through ``c = (Wq + Wd) q + b0`` are finished on the host with two small
-  matrix products from ``dc``: ``dWq = dWd_q = dc^T Q``, ``db0 = sum dc``, ``dq += dc (Wq + Wd)``.
+  matrix products from ``dc``: ``dWq = (q-part of dWd) = dc^T Q``, ``db0 = sum dc``,
+  ``dq += dc (Wq + Wd)``.
 * Statistics (Dice in training): per program a running (count, mean, M2) per channel, merged
   across tiles with Chan's formula (no ``E[z^2] - E[z]^2`` cancellation); the per-program
   partials are merged on the host in float64, in program order.
 
 Numerics
 --------
-fp16/bf16 are upcast right after loading; every sum accumulates in fp32 (fp64 for fp64 inputs).
-Matrix products of fp16/bf16 inputs run as fp32 ``tl.dot`` with TF32 inputs: keys and weights of
-those dtypes are exact in TF32, only intermediates (folded ``A``, activations) round to TF32's
-10-bit mantissa, which is within those dtypes' own precision. fp32 inputs use
-``CONFIG.fp32_precision`` (default ``"tf32x3"``: three TF32 products, about fp32 accuracy, so fp32
-results meet ~1e-5 relative, far inside 1e-3; ``"tf32"`` is faster but only ~1e-3).
-fp64 inputs compute in fp64 (``tl.dot`` fp64, ``"ieee"``); scalars (``scale``, ``eps``) reach
-the kernels as an fp32 (hi, lo) pair so fp64 keeps them exactly enough.
+fp16/bf16 are upcast right after loading; every sum, softmax statistic and gradient accumulates
+in fp32 (fp64 for fp64 inputs); outputs are cast back to the input dtype.
+* fp32 inputs: ``tl.dot`` with ``CONFIG.fp32_precision`` (forward) / ``fp32_precision_bwd``
+  (backward, statistics), default ``"tf32"``: TF32 operands (10-bit mantissa), fp32
+  accumulation, about 3e-4 relative error (the rate torch's own TF32 matmuls give), inside the
+  ~1e-3 budget. ``"tf32x3"`` (three TF32 products, ~fp32 accuracy) doubles the shared memory of
+  every product operand: it fits for hidden sizes like (80, 40) and falls back to TF32 where it
+  does not (see ``_launch``). Under the interpreter products are exact fp32.
+* fp16/bf16 inputs on GPU: product operands in the input dtype (activations and the folded ``A``
+  rounded to it, as a PyTorch model in that dtype rounds every layer's output), fp32
+  accumulation. Under the interpreter (wrong bf16 arithmetic) they run in fp32.
+* fp64 inputs: computed in fp64 throughout (``tl.dot`` fp64, ``"ieee"``); scalars (``scale``,
+  ``eps``) reach the kernels as an fp32 (hi, lo) pair so they keep ~48 bits. fp64 operands take
+  twice the shared memory: layers as wide as (200, 80, 40) do not fit one SM, and the launch
+  then raises a RuntimeError naming the cause (fp64 is for tests and gradchecks).
 
 Block sizes and heuristics (``CONFIG``)
 ---------------------------------------
 * ``block_m`` (forward 64, backward 32) is the number of (position, candidate) rows per tile.
-  64 rows cover a typical DIN history (T <= 100, mean ~50) in one or two tiles while the
-  ``[64, H0]`` activations stay in registers; the backward holds ~3x more live tiles
-  (activations, their gradients, weight-gradient accumulators) so it uses half. ``BT`` is
-  ``block_m / CB`` shrunk to the next power of two of the typical row length (T, or N/B for
-  jagged) so short histories do not compute on masked rows; ``BT * CB >= 16`` always.
+  64 rows cover a typical DIN history (T <= 100, mean ~50) in one or two tiles and make each
+  product one 64-row warpgroup MMA; ``BT`` is ``block_m / CB`` shrunk to the next power of two of
+  the typical row length (T, or ceil(N/B) for jagged) so short histories do not compute on
+  masked rows; ``BT * CB >= 16`` always (smallest ``tl.dot``). The backward keeps ~3x more
+  tiles live (activations, their gradients, weight-gradient accumulators), so half the rows.
+* ``num_warps`` 8 (forward and backward): ptxas (sm_90a, triton 3.7) gives the forward at
+  (D, H) = (36, (80, 40)) 255 registers with 164 bytes of spill per thread at 8 warps and
+  976 bytes at 4; the backward spills ~3.5 KB at 8 warps and ~13 KB at 4.
+* Weight loads are kept inside the loops on purpose (``_KEEP_IN_LOOP``): hoisted, their
+  address tensors alone spilled >1.3 KB per thread in the forward.
 * ``max_cb`` (16): candidates per job; more candidates split into several jobs per row (the
-  history is then read ``ceil(C / 16)`` times).
-* ``programs_per_sm``: the persistent grid is ``min(jobs, SMs * programs_per_sm)``; more
-  programs hide latency, fewer shrink the backward's partial buffer.
-* ``num_warps``: 8 for the forward's and backward's wide tiles (register pressure).
-These defaults are starting points for the H200 (see bench/); all are plain parameters.
+  history is then read ``ceil(C / 16)`` times; the backward sums the jobs' grad_keys parts).
+* ``programs_per_sm`` (8): the persistent grid is ``min(jobs, SMs * programs_per_sm)``; more
+  programs hide latency, fewer shrink the backward's partial-gradient buffer.
+* Shared memory per program (sm_90, defaults): forward 64 KiB fp32 / 32 KiB bf16 at (80, 40),
+  192 / 96 KiB at (200, 80, 40); backward 88 / 40 KiB and 212 / 128 KiB.
+These defaults come from compiler reports, not yet from timings on the GPU:
+bench/tune_attention_pooling_triton.py sweeps them (and measures the error) on one.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-from typing import List, Optional
+from typing import List
 
 import torch
 import triton
@@ -93,7 +107,6 @@ class _Config:
     interpreter_programs: int = 3  # under TRITON_INTERPRET every program costs; 3 still strides
     fp32_precision: str = "tf32"
     fp32_precision_bwd: str = "tf32"  # backward and statistics
-    hoist_weights: bool = True  # forward: let the compiler keep hidden-layer weights across tiles
     use_atomics: bool = True  # only outside deterministic mode
 
 
@@ -118,11 +131,12 @@ def configure(**kwargs):
 # ------------------------------------------------------------------------------------------------
 # jit helpers
 # ------------------------------------------------------------------------------------------------
-# _KEEP_IN_LOOP: weight loads take a ``live`` mask term that is true but not provably so
-# (``t0 < n`` inside the tile loop, ``n >= 0`` per row). Without it the compiler hoists the
-# loop-invariant loads, and each hoisted matrix-product operand then occupies its own
-# shared-memory buffer for the whole loop (two with 3xTF32): with hidden sizes like
-# (200, 80, 40) that overflows the 227 KiB of an H100/H200 SM. Reloads hit L1/L2.
+# _KEEP_IN_LOOP: weight loaders take an integer ``z`` that is 0 but not provably so
+# (``t0 >= n`` inside the tile loop, ``n < 0`` per row) and add it to their strides and bounds.
+# Otherwise the compiler hoists the loop-invariant loads, their address and mask tensors (two
+# registers per element of a weight matrix) and their shared-memory copies out of the loops,
+# where they stay live: register spills, and with hidden sizes like (200, 80, 40) more shared
+# memory than an H100/H200 SM has. Reloading weights hits L1/L2; index math is cheap.
 @triton.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
@@ -150,31 +164,34 @@ def _vec(ptr, N, NP: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _w0T(w0_ptr, D, H0, part, live, DP: tl.constexpr, HP0: tl.constexpr, ACC: tl.constexpr):
+def _w0T(w0_ptr, D, H0, part, z, DP: tl.constexpr, HP0: tl.constexpr, ACC: tl.constexpr):
     # block ``part`` (0 q, 1 k, 2 q-k, 3 q*k) of W0 [H0, 4D], transposed: [DP, HP0].
-    # ``live``: see _KEEP_IN_LOOP
+    # ``z``: see _KEEP_IN_LOOP
+    Dz = D + z
     d = tl.arange(0, DP)
     h = tl.arange(0, HP0)
-    mask = (d[:, None] < D) & (h[None, :] < H0) & live
-    return tl.load(w0_ptr + h[None, :] * (4 * D) + part * D + d[:, None], mask=mask, other=0).to(ACC)
+    mask = (d[:, None] < Dz) & (h[None, :] < H0 + z)
+    return tl.load(w0_ptr + h[None, :] * (4 * Dz) + part * Dz + d[:, None], mask=mask, other=0).to(ACC)
 
 
 @triton.jit
-def _w0(w0_ptr, D, H0, part, live, DP: tl.constexpr, HP0: tl.constexpr, ACC: tl.constexpr):
+def _w0(w0_ptr, D, H0, part, z, DP: tl.constexpr, HP0: tl.constexpr, ACC: tl.constexpr):
     # block ``part`` of W0 [H0, 4D] as stored: [HP0, DP]
+    Dz = D + z
     d = tl.arange(0, DP)
     h = tl.arange(0, HP0)
-    mask = (h[:, None] < H0) & (d[None, :] < D) & live
-    return tl.load(w0_ptr + h[:, None] * (4 * D) + part * D + d[None, :], mask=mask, other=0).to(ACC)
+    mask = (h[:, None] < H0 + z) & (d[None, :] < Dz)
+    return tl.load(w0_ptr + h[:, None] * (4 * Dz) + part * Dz + d[None, :], mask=mask, other=0).to(ACC)
 
 
 @triton.jit
-def _wT(w_ptr, K, N, live, KP: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr):
+def _wT(w_ptr, K, N, z, KP: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr):
     # W [N, K] (nn.Linear layout) transposed: [KP, NP]
+    Kz = K + z
     k = tl.arange(0, KP)
     n = tl.arange(0, NP)
-    mask = (k[:, None] < K) & (n[None, :] < N) & live
-    return tl.load(w_ptr + n[None, :] * K + k[:, None], mask=mask, other=0).to(ACC)
+    mask = (k[:, None] < Kz) & (n[None, :] < N + z)
+    return tl.load(w_ptr + n[None, :] * Kz + k[:, None], mask=mask, other=0).to(ACC)
 
 
 @triton.jit
@@ -183,18 +200,18 @@ def _mm(a, b, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _layer0(Kx, KQ, C0x, w0, D, H0, live, DP: tl.constexpr, HP0: tl.constexpr, ACC: tl.constexpr,
+def _layer0(Kx, KQ, C0x, w0, D, H0, z, DP: tl.constexpr, HP0: tl.constexpr, ACC: tl.constexpr,
             DOT: tl.constexpr, PREC: tl.constexpr):
     # z0 = K (Wk - Wd)^T + (K * q) Wp^T + c
-    WkdT = _w0T(w0, D, H0, 1, live, DP, HP0, ACC) - _w0T(w0, D, H0, 2, live, DP, HP0, ACC)
-    WpT = _w0T(w0, D, H0, 3, live, DP, HP0, ACC)
+    WkdT = _w0T(w0, D, H0, 1, z, DP, HP0, ACC) - _w0T(w0, D, H0, 2, z, DP, HP0, ACC)
+    WpT = _w0T(w0, D, H0, 3, z, DP, HP0, ACC)
     return _mm(Kx, WkdT, DOT, PREC, ACC) + _mm(KQ, WpT, DOT, PREC, ACC) + C0x
 
 
 @triton.jit
-def _dense(h, w_ptr, b_ptr, K, N, live, KP: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr,
+def _dense(h, w_ptr, b_ptr, K, N, z, KP: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr,
            DOT: tl.constexpr, PREC: tl.constexpr):
-    return _mm(h, _wT(w_ptr, K, N, live, KP, NP, ACC), DOT, PREC, ACC) + _vec(b_ptr, N, NP, ACC)[None, :]
+    return _mm(h, _wT(w_ptr, K, N, z, KP, NP, ACC), DOT, PREC, ACC) + _vec(b_ptr, N, NP, ACC)[None, :]
 
 
 @triton.jit
@@ -276,7 +293,7 @@ def _act_bwd(dh, z, a_ptr, m_ptr, v_ptr, g_ptr, e_ptr, H, eps, HP: tl.constexpr,
 @triton.jit
 def _hidden_fwd(z0, w1, b1, w2, b2, w3, b3,
                 a0, m0, v0, g0, e0, a1, m1, v1, g1, e1, a2, m2, v2, g2, e2, a3, m3, v3, g3, e3,
-                H0, H1, H2, H3, eps, live, NA: tl.constexpr, ACT: tl.constexpr, HAS_G: tl.constexpr,
+                H0, H1, H2, H3, eps, z, NA: tl.constexpr, ACT: tl.constexpr, HAS_G: tl.constexpr,
                 HAS_BE: tl.constexpr, HP0: tl.constexpr, HP1: tl.constexpr, HP2: tl.constexpr,
                 HP3: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     # the NA activated layers: h0 = act(z0), z_i = h_{i-1} W_i^T + b_i, h_i = act(z_i)
@@ -290,13 +307,13 @@ def _hidden_fwd(z0, w1, b1, w2, b2, w3, b3,
     if NA >= 1:
         h0 = _act_fwd(z0, a0, m0, v0, g0, e0, H0, eps, HP0, ACT, HAS_G, HAS_BE, ACC)
     if NA >= 2:
-        z1 = _dense(h0, w1, b1, H0, H1, live, HP0, HP1, ACC, DOT, PREC)
+        z1 = _dense(h0, w1, b1, H0, H1, z, HP0, HP1, ACC, DOT, PREC)
         h1 = _act_fwd(z1, a1, m1, v1, g1, e1, H1, eps, HP1, ACT, HAS_G, HAS_BE, ACC)
     if NA >= 3:
-        z2 = _dense(h1, w2, b2, H1, H2, live, HP1, HP2, ACC, DOT, PREC)
+        z2 = _dense(h1, w2, b2, H1, H2, z, HP1, HP2, ACC, DOT, PREC)
         h2 = _act_fwd(z2, a2, m2, v2, g2, e2, H2, eps, HP2, ACT, HAS_G, HAS_BE, ACC)
     if NA >= 4:
-        z3 = _dense(h2, w3, b3, H2, H3, live, HP2, HP3, ACC, DOT, PREC)
+        z3 = _dense(h2, w3, b3, H2, H3, z, HP2, HP3, ACC, DOT, PREC)
         h3 = _act_fwd(z3, a3, m3, v3, g3, e3, H3, eps, HP3, ACT, HAS_G, HAS_BE, ACC)
     return h0, z1, h1, z2, h2, z3, h3
 
@@ -389,8 +406,7 @@ def _fwd_kernel(q_ptr, k_ptr, len_ptr, off_ptr, out_ptr, attn_ptr, sbuf_ptr,
                 HAS_BE: tl.constexpr, SOFTMAX: tl.constexpr, SCRATCH: tl.constexpr,
                 CB: tl.constexpr, BT: tl.constexpr, DP: tl.constexpr,
                 HP0: tl.constexpr, HP1: tl.constexpr, HP2: tl.constexpr, HP3: tl.constexpr,
-                HPL: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                HOIST: tl.constexpr):
+                HPL: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     M: tl.constexpr = BT * CB
@@ -409,18 +425,18 @@ def _fwd_kernel(q_ptr, k_ptr, len_ptr, off_ptr, out_ptr, attn_ptr, sbuf_ptr,
         b = job // n_cblk
         cb = job % n_cblk
         start, n = _row_extent(b, len_ptr, off_ptr, T, LAYOUT)
-        jlive = n >= 0  # see _KEEP_IN_LOOP
+        jz = (n < 0).to(tl.int32)  # 0; see _KEEP_IN_LOOP
         c_glob = cb * CB + c_in
         c_ok = c_glob < C
         cc = cb * CB + offs_c
         cc_ok = cc < C
         qrow = b.to(tl.int64) * C
         # folded layer 0 (SPEC section 1): z0 = (Wk - Wd + Wp diag(q)) k + (Wq + Wd) q + b0
-        WqdT = _w0T(w0, D, H0, 0, jlive, DP, HP0, ACC) + _w0T(w0, D, H0, 2, jlive, DP, HP0, ACC)
+        WqdT = _w0T(w0, D, H0, 0, jz, DP, HP0, ACC) + _w0T(w0, D, H0, 2, jz, DP, HP0, ACC)
         if CB == 1:
             q = tl.load(q_ptr + (qrow + cb) * D + offs_d, mask=d_ok, other=0).to(ACC)
-            AT = (_w0T(w0, D, H0, 1, jlive, DP, HP0, ACC) - _w0T(w0, D, H0, 2, jlive, DP, HP0, ACC)
-                  + _w0T(w0, D, H0, 3, jlive, DP, HP0, ACC) * q[:, None])
+            AT = (_w0T(w0, D, H0, 1, jz, DP, HP0, ACC) - _w0T(w0, D, H0, 2, jz, DP, HP0, ACC)
+                  + _w0T(w0, D, H0, 3, jz, DP, HP0, ACC) * q[:, None])
             c0 = tl.sum(WqdT * q[:, None], axis=0) + bias0
         else:
             Qx = tl.load(q_ptr + (qrow + c_glob)[:, None] * D + offs_d[None, :],
@@ -439,19 +455,16 @@ def _fwd_kernel(q_ptr, k_ptr, len_ptr, off_ptr, out_ptr, attn_ptr, sbuf_ptr,
             t = t0 + t_in
             t_ok = t < n
             ok = t_ok & c_ok
-            if HOIST:
-                wlive = True
-            else:
-                wlive = t0 < n
+            wz = (t0 >= n).to(tl.int32)  # 0; see _KEEP_IN_LOOP
             Kx = tl.load(k_ptr + (start + t)[:, None] * D + offs_d[None, :],
                          mask=t_ok[:, None] & d_ok[None, :], other=0).to(ACC)
             if CB == 1:
                 z0 = _mm(Kx, AT, DOT, PREC, ACC) + c0[None, :]
             else:
-                z0 = _layer0(Kx, Kx * Qx, C0x, w0, D, H0, wlive, DP, HP0, ACC, DOT, PREC)
+                z0 = _layer0(Kx, Kx * Qx, C0x, w0, D, H0, wz, DP, HP0, ACC, DOT, PREC)
             h0, z1, h1, z2, h2, z3, h3 = _hidden_fwd(
                 z0, w1, b1, w2, b2, w3, b3, a0, m0, v0, g0, e0, a1, m1, v1, g1, e1, a2, m2, v2, g2, e2,
-                a3, m3, v3, g3, e3, H0, H1, H2, H3, eps, wlive, NH, ACT, HAS_G, HAS_BE, HP0, HP1, HP2, HP3,
+                a3, m3, v3, g3, e3, H0, H1, H2, H3, eps, wz, NH, ACT, HAS_G, HAS_BE, HP0, HP1, HP2, HP3,
                 ACC, DOT, PREC)
             if NH == 0:
                 s = tl.sum(z0, axis=1)  # layer 0 is the output layer: only column 0 is non-zero
@@ -577,16 +590,21 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
         b = job // n_cblk
         cb = job % n_cblk
         start, n = _row_extent(b, len_ptr, off_ptr, T, LAYOUT)
-        jlive = n >= 0  # see _KEEP_IN_LOOP
+        jz = (n < 0).to(tl.int32)  # 0; see _KEEP_IN_LOOP
         c_glob = cb * CB + c_in
         c_ok = c_glob < C
         cc = cb * CB + offs_c
         cc_ok = cc < C
         qrow = b.to(tl.int64) * C
-        WqdT = _w0T(w0, D, H0, 0, jlive, DP, HP0, ACC) + _w0T(w0, D, H0, 2, jlive, DP, HP0, ACC)
-        Qx = tl.load(q_ptr + (qrow + c_glob)[:, None] * D + offs_d[None, :],
-                     mask=c_ok[:, None] & d_ok[None, :], other=0).to(ACC)
-        C0x = _mm(Qx, WqdT, DOT, PREC, ACC) + bias0[None, :]
+        WqdT = _w0T(w0, D, H0, 0, jz, DP, HP0, ACC) + _w0T(w0, D, H0, 2, jz, DP, HP0, ACC)
+        if CB == 1:  # one candidate: per-row vectors, broadcast over the tile (fewer registers)
+            q = tl.load(q_ptr + (qrow + cb) * D + offs_d, mask=d_ok, other=0).to(ACC)
+            Qx = q[None, :]
+            C0x = (tl.sum(WqdT * q[:, None], axis=0) + bias0)[None, :]
+        else:
+            Qx = tl.load(q_ptr + (qrow + c_glob)[:, None] * D + offs_d[None, :],
+                         mask=c_ok[:, None] & d_ok[None, :], other=0).to(ACC)
+            C0x = _mm(Qx, WqdT, DOT, PREC, ACC) + bias0[None, :]
         if LAYOUT == 2:
             a_off = start * C + c_glob
             a_st = C
@@ -594,8 +612,11 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
             a_off = (qrow + c_glob) * T
             a_st = 1
         if MODE == 0:
-            Gx = tl.load(go_ptr + (qrow + c_glob)[:, None] * D + offs_d[None, :],
-                         mask=c_ok[:, None] & d_ok[None, :], other=0).to(ACC)
+            if CB == 1:
+                Gx = tl.load(go_ptr + (qrow + cb) * D + offs_d, mask=d_ok, other=0).to(ACC)[None, :]
+            else:
+                Gx = tl.load(go_ptr + (qrow + c_glob)[:, None] * D + offs_d[None, :],
+                             mask=c_ok[:, None] & d_ok[None, :], other=0).to(ACC)
             if SOFTMAX:
                 # softmax: ds_t = w_t (dw_t - sum_u w_u dw_u); the sum needs its own pass
                 ssum = tl.zeros([CB], ACC)
@@ -612,8 +633,12 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
                         dw += tl.load(ga_ptr + aidx, mask=ok, other=0).to(ACC)
                     ssum += tl.sum(_to2d(w * dw, BT, CB), axis=0)
                 Sx = _from_cb(ssum, BT, CB)
-        dq_acc = tl.zeros([M, DP], ACC)
-        dc_acc = tl.zeros([M, HP0], ACC)
+        if CB == 1:
+            dq_acc = tl.zeros([1, DP], ACC)
+            dc_acc = tl.zeros([1, HP0], ACC)
+        else:
+            dq_acc = tl.zeros([M, DP], ACC)
+            dc_acc = tl.zeros([M, HP0], ACC)
         for t0 in range(0, n, BT):
             t = t0 + t_in
             t_ok = t < n
@@ -621,11 +646,11 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
             Kx = tl.load(k_ptr + (start + t)[:, None] * D + offs_d[None, :],
                          mask=t_ok[:, None] & d_ok[None, :], other=0).to(ACC)
             KQ = Kx * Qx
-            wlive = t0 < n  # see _KEEP_IN_LOOP
-            z0 = _layer0(Kx, KQ, C0x, w0, D, H0, wlive, DP, HP0, ACC, DOT, PREC)
+            wz = (t0 >= n).to(tl.int32)  # 0; see _KEEP_IN_LOOP
+            z0 = _layer0(Kx, KQ, C0x, w0, D, H0, wz, DP, HP0, ACC, DOT, PREC)
             h0, z1, h1, z2, h2, z3, h3 = _hidden_fwd(
                 z0, w1, b1, w2, b2, w3, b3, a0, m0, v0, g0, e0, a1, m1, v1, g1, e1, a2, m2, v2, g2, e2,
-                a3, m3, v3, g3, e3, H0, H1, H2, H3, eps, wlive, NA, ACT, HAS_G, HAS_BE, HP0, HP1, HP2, HP3,
+                a3, m3, v3, g3, e3, H0, H1, H2, H3, eps, wz, NA, ACT, HAS_G, HAS_BE, HP0, HP1, HP2, HP3,
                 ACC, DOT, PREC)
             # gradient at the head
             if MODE == 0:
@@ -652,7 +677,7 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
                     zS = z0
                 else:
                     hl = _last(h0, h1, h2, h3, NA)
-                    WhT = _wT(wh, HL, HH, wlive, HPL, HPH, ACC)
+                    WhT = _wT(wh, HL, HH, wz, HPL, HPH, ACC)
                     zS = _mm(hl, WhT, DOT, PREC, ACC) + _vec(bh, HH, HPH, ACC)[None, :]
                 # d(mean)/dz = 1/n, d(biased var)/dz = 2 (z - mean) / n on every valid pair
                 dzS = tl.where(ok[:, None] & hh_ok[None, :],
@@ -673,7 +698,7 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
                     dX3 += tl.sum(ux, axis=0)
                 dW3 += _mm(tl.trans(dz), h2, DOT, PREC, ACC)
                 dB3 += tl.sum(dz, axis=0)
-                dh = _mm(dz, tl.trans(_wT(w3, H2, H3, wlive, HP2, HP3, ACC)), DOT, PREC, ACC)
+                dh = _mm(dz, tl.trans(_wT(w3, H2, H3, wz, HP2, HP3, ACC)), DOT, PREC, ACC)
             if NA >= 3:
                 dz, da, u, ux = _act_bwd(dh, z2, a2, m2, v2, g2, e2, H2, eps, HP2, ACT, HAS_G, HAS_BE, ACC)
                 if ACT >= 3:
@@ -683,7 +708,7 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
                     dX2 += tl.sum(ux, axis=0)
                 dW2 += _mm(tl.trans(dz), h1, DOT, PREC, ACC)
                 dB2 += tl.sum(dz, axis=0)
-                dh = _mm(dz, tl.trans(_wT(w2, H1, H2, wlive, HP1, HP2, ACC)), DOT, PREC, ACC)
+                dh = _mm(dz, tl.trans(_wT(w2, H1, H2, wz, HP1, HP2, ACC)), DOT, PREC, ACC)
             if NA >= 2:
                 dz, da, u, ux = _act_bwd(dh, z1, a1, m1, v1, g1, e1, H1, eps, HP1, ACT, HAS_G, HAS_BE, ACC)
                 if ACT >= 3:
@@ -693,7 +718,7 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
                     dX1 += tl.sum(ux, axis=0)
                 dW1 += _mm(tl.trans(dz), h0, DOT, PREC, ACC)
                 dB1 += tl.sum(dz, axis=0)
-                dh = _mm(dz, tl.trans(_wT(w1, H0, H1, wlive, HP0, HP1, ACC)), DOT, PREC, ACC)
+                dh = _mm(dz, tl.trans(_wT(w1, H0, H1, wz, HP0, HP1, ACC)), DOT, PREC, ACC)
             if NA >= 1:
                 dz0, da, u, ux = _act_bwd(dh, z0, a0, m0, v0, g0, e0, H0, eps, HP0, ACT, HAS_G, HAS_BE, ACC)
                 if ACT >= 3:
@@ -704,15 +729,21 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
             # layer 0: z0 = K (Wk - Wd)^T + (K * q) Wp^T + c
             dWkd += _mm(tl.trans(dz0), Kx, DOT, PREC, ACC)
             dWp += _mm(tl.trans(dz0), KQ, DOT, PREC, ACC)
-            dc_acc += dz0
-            Pm = _mm(dz0, _w0(w0, D, H0, 3, wlive, DP, HP0, ACC), DOT, PREC, ACC)
-            Wkd = _w0(w0, D, H0, 1, wlive, DP, HP0, ACC) - _w0(w0, D, H0, 2, wlive, DP, HP0, ACC)
+            if CB == 1:
+                dc_acc += tl.sum(dz0, axis=0)[None, :]
+            else:
+                dc_acc += dz0
+            Pm = _mm(dz0, _w0(w0, D, H0, 3, wz, DP, HP0, ACC), DOT, PREC, ACC)
+            Wkd = _w0(w0, D, H0, 1, wz, DP, HP0, ACC) - _w0(w0, D, H0, 2, wz, DP, HP0, ACC)
             dK_mlp = _mm(dz0, Wkd, DOT, PREC, ACC) + Pm * Qx
             if MODE == 0:
                 dKx += dK_mlp
             else:
                 dKx = dK_mlp
-            dq_acc += Pm * Kx
+            if CB == 1:
+                dq_acc += tl.sum(Pm * Kx, axis=0)[None, :]
+            else:
+                dq_acc += Pm * Kx
             tt = t0 + offs_bt
             tl.store(dk_ptr + cb.to(tl.int64) * dk_slice + (start + tt)[:, None] * D + offs_d[None, :],
                      _sum_c(dKx, BT, CB, DP).to(DK_T), mask=(tt < n)[:, None] & d_ok[None, :])
@@ -802,11 +833,11 @@ def _stats_kernel(q_ptr, k_ptr, len_ptr, off_ptr, part_ptr,
         b = job // n_cblk
         cb = job % n_cblk
         start, n = _row_extent(b, len_ptr, off_ptr, T, LAYOUT)
-        jlive = n >= 0  # see _KEEP_IN_LOOP
+        jz = (n < 0).to(tl.int32)  # 0; see _KEEP_IN_LOOP
         c_glob = cb * CB + c_in
         c_ok = c_glob < C
         qrow = b.to(tl.int64) * C
-        WqdT = _w0T(w0, D, H0, 0, jlive, DP, HP0, ACC) + _w0T(w0, D, H0, 2, jlive, DP, HP0, ACC)
+        WqdT = _w0T(w0, D, H0, 0, jz, DP, HP0, ACC) + _w0T(w0, D, H0, 2, jz, DP, HP0, ACC)
         Qx = tl.load(q_ptr + (qrow + c_glob)[:, None] * D + offs_d[None, :],
                      mask=c_ok[:, None] & d_ok[None, :], other=0).to(ACC)
         C0x = _mm(Qx, WqdT, DOT, PREC, ACC) + bias0[None, :]
@@ -816,16 +847,16 @@ def _stats_kernel(q_ptr, k_ptr, len_ptr, off_ptr, part_ptr,
             ok = t_ok & c_ok
             Kx = tl.load(k_ptr + (start + t)[:, None] * D + offs_d[None, :],
                          mask=t_ok[:, None] & d_ok[None, :], other=0).to(ACC)
-            wlive = t0 < n  # see _KEEP_IN_LOOP
-            z0 = _layer0(Kx, Kx * Qx, C0x, w0, D, H0, wlive, DP, HP0, ACC, DOT, PREC)
+            wz = (t0 >= n).to(tl.int32)  # 0; see _KEEP_IN_LOOP
+            z0 = _layer0(Kx, Kx * Qx, C0x, w0, D, H0, wz, DP, HP0, ACC, DOT, PREC)
             h0, z1, h1, z2, h2, z3, h3 = _hidden_fwd(
                 z0, w1, b1, w2, b2, w3, b3, a0, m0, v0, g0, e0, a1, m1, v1, g1, e1, a2, m2, v2, g2, e2,
-                a3, m3, v3, g3, e3, H0, H1, H2, H3, eps, wlive, NA, ACT, HAS_G, HAS_BE, HP0, HP1, HP2, HP3,
+                a3, m3, v3, g3, e3, H0, H1, H2, H3, eps, wz, NA, ACT, HAS_G, HAS_BE, HP0, HP1, HP2, HP3,
                 ACC, DOT, PREC)
             if NA == 0:
                 zS = z0
             else:
-                zS = _dense(_last(h0, h1, h2, h3, NA), wh, bh, HL, HH, wlive, HPL, HPH, ACC, DOT, PREC)
+                zS = _dense(_last(h0, h1, h2, h3, NA), wh, bh, HL, HH, wz, HPL, HPH, ACC, DOT, PREC)
             # Chan's merge of this tile's (count, mean, M2) into the program's
             okf = ok.to(ACC)
             nt = tl.sum(okf, axis=0)
@@ -1031,7 +1062,7 @@ def attention_pooling(query, keys, lengths, offsets, weights, biases, act_weight
         *pb.dims(), pb.HL, pb.n_cblk, pb.n_jobs, *_split(scale), *_split(eps)), dict(
         LAYOUT=pb.layout, NH=pb.n_act, ACT=pb.act, HAS_G=pb.has_g, HAS_BE=pb.has_be,
         SOFTMAX=softmax, SCRATCH=scratch, CB=pb.CB, BT=pb.BT, DP=pb.DP, **pb.hp(),
-        ACC=pb.ACC, DOT=pb.DOT, PREC=pb.PREC, HOIST=CONFIG.hoist_weights,
+        ACC=pb.ACC, DOT=pb.DOT, PREC=pb.PREC,
         num_warps=CONFIG.num_warps, num_stages=CONFIG.num_stages))
     return out, attn
 
