@@ -228,6 +228,10 @@ def test_triton_empty_rows(device, backend, normalization):
     case["offsets"] = torch.zeros(3, dtype=torch.int64, device=device)
     out, attn, grads = check(case, normalization, backend=backend, device=device)
     assert (out == 0).all() and attn.shape == (0,)
+    # padded with T = 0
+    case = make_case(B=2, T=0, activation="sigmoid", lengths="full", device=device)
+    out, attn, grads = check(case, normalization, backend=backend, device=device)
+    assert (out == 0).all() and attn.shape == (2, 0)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -341,7 +345,7 @@ def test_triton_opcheck(device, backend):
                                                     L, O, W[:1], bb[:1], [], [], [], [], [], "dice", 1e-8)),
         ]
         for op, args in calls:
-            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

@@ -991,7 +991,7 @@ class _Problem:
         self.w_args = [self.weights[0], self.biases[0]] + wl + head
         self.ACC, self.DOT, self.PREC = _types(self.dtype, self.device, backward)
         # tiles: CB candidates x BT positions
-        self.CB = min(triton.next_power_of_2(self.C), max_cb)
+        self.CB = min(triton.next_power_of_2(max(self.C, 1)), max_cb)
         self.n_cblk = -(-self.C // self.CB)
         bt = max(block_m // self.CB, 1)
         bt = min(bt, triton.next_power_of_2(max(typical, 1)))
