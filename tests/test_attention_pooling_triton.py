@@ -47,6 +47,16 @@ def _run(backend, **cfg):
         yield
 
 
+@contextlib.contextmanager
+def _deterministic():
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
 def _close(got, want, tol, what):
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
@@ -269,7 +279,7 @@ def test_triton_padded_equals_jagged(device, backend, normalization):
     jag["keys"] = ref.padded_to_jagged(pad["keys"], lens)
     jag["offsets"] = torch.tensor([0, 16, 25, 41], device=device)
     ga = torch.randn(B, T, device=device)
-    with _run(backend):
+    with _run(backend), _deterministic():  # no atomics: bitwise comparable
         po, pa, pg = _evaluate(din_ops.attention_pooling, pad, normalization, 0.5, True, attn_grad=lambda a: ga)
         jo, ja, jg = _evaluate(din_ops.attention_pooling, jag, normalization, 0.5, True,
                                attn_grad=lambda a: ref.padded_to_jagged(ga, lens))
@@ -283,13 +293,8 @@ def test_triton_padded_equals_jagged(device, backend, normalization):
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_triton_deterministic(device, backend):
     case = make_case(B=5, T=23, activation="dice", dtype=torch.float32, device=device)
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        with _run(backend, programs_per_sm=1, interpreter_programs=2):
-            runs = [_evaluate(din_ops.attention_pooling, case, "softmax", 1.0, True) for _ in range(2)]
-    finally:
-        torch.use_deterministic_algorithms(prev)
+    with _deterministic(), _run(backend, programs_per_sm=1, interpreter_programs=2):
+        runs = [_evaluate(din_ops.attention_pooling, case, "softmax", 1.0, True) for _ in range(2)]
     (o1, a1, g1), (o2, a2, g2) = runs
     assert torch.equal(o1, o2) and torch.equal(a1, a2)
     for k in g1:
