@@ -30,9 +30,10 @@ Design
   once per program. Deterministic mode (``torch.are_deterministic_algorithms_enabled()``, the
   interpreter, or CPU tensors) writes one partial row per program to a ``[num_programs, P]``
   buffer reduced by ``torch.sum`` (fixed order); otherwise programs ``tl.atomic_add`` their row.
-  The layer-0 terms through ``c = (Wq + Wd) q + b0`` are finished on the host with two small
-  matrix products from ``dc``: ``dWq = (q-part of dWd) = dc^T Q``, ``db0 = sum dc``,
-  ``dq += dc (Wq + Wd)``.
+  The layer-0 terms through ``c = (Wq + Wd) q + b0`` are finished from ``dc`` by a second,
+  small kernel (``_finish_kernel``: ``dWq = (q part of dWd) = dc^T Q`` as per-program partials,
+  ``dq += dc (Wq + Wd)``) and ``db0 = sum dc``; no cuBLAS call, so deterministic mode needs no
+  ``CUBLAS_WORKSPACE_CONFIG``.
 * Statistics (Dice in training): per program a running (count, mean, M2) per channel, merged
   across tiles with Chan's formula (no ``E[z^2] - E[z]^2`` cancellation); the per-program
   partials are merged on the host in float64, in program order.
@@ -877,6 +878,57 @@ def _stats_kernel(q_ptr, k_ptr, len_ptr, off_ptr, part_ptr,
 
 
 # ------------------------------------------------------------------------------------------------
+# layer-0 terms through c = (Wq + Wd) q + b0, from dc [B*C, H0]
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _finish_kernel(dc_ptr, q_ptr, w0, dq_ptr, part_ptr, BC, D, H0, rows_per_prog,
+                   BR: tl.constexpr, DP: tl.constexpr, HP0: tl.constexpr, ACC: tl.constexpr,
+                   DOT: tl.constexpr, PREC: tl.constexpr):
+    # each program owns a contiguous range of rows: dq[rows] += dc[rows] (Wq + Wd), and its
+    # partial dc[rows]^T Q[rows] goes to part[pid] (summed in program order on the host)
+    pid = tl.program_id(0)
+    offs_r = tl.arange(0, BR)
+    offs_d = tl.arange(0, DP)
+    offs_h = tl.arange(0, HP0)
+    d_ok = offs_d < D
+    h_ok = offs_h < H0
+    Wqd = _w0(w0, D, H0, 0, 0, DP, HP0, ACC) + _w0(w0, D, H0, 2, 0, DP, HP0, ACC)  # [HP0, DP]
+    acc = tl.zeros([HP0, DP], ACC)
+    r_lo = pid * rows_per_prog
+    r_hi = tl.minimum(r_lo + rows_per_prog, BC)
+    for r0 in range(r_lo, r_hi, BR):
+        r = (r0 + offs_r).to(tl.int64)
+        r_ok = r < r_hi
+        dc = tl.load(dc_ptr + r[:, None] * H0 + offs_h[None, :], mask=r_ok[:, None] & h_ok[None, :],
+                     other=0).to(ACC)
+        q = tl.load(q_ptr + r[:, None] * D + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :],
+                    other=0).to(ACC)
+        acc += _mm(tl.trans(dc), q, DOT, PREC, ACC)
+        dq_p = dq_ptr + r[:, None] * D + offs_d[None, :]
+        m = r_ok[:, None] & d_ok[None, :]
+        tl.store(dq_p, tl.load(dq_p, mask=m, other=0) + _mm(dc, Wqd, DOT, PREC, ACC), mask=m)
+    tl.store(part_ptr + pid.to(tl.int64) * H0 * D + offs_h[:, None] * D + offs_d[None, :], acc,
+             mask=h_ok[:, None] & d_ok[None, :])
+
+
+def _finish_layer0(dc, pb, dq, acc_t):
+    """dq += dc (Wq + Wd) in place; returns dc^T Q [H0, D]."""
+    BC, H0 = dc.shape
+    D = pb.D
+    if BC == 0:
+        return torch.zeros((H0, D), dtype=acc_t, device=dc.device)
+    BR = 32
+    progs = _num_programs(-(-BC // (4 * BR)), dc.device)
+    per = -(-BC // progs)
+    part = torch.empty((progs, H0, D), dtype=acc_t, device=dc.device)
+    _launch(_finish_kernel, progs, (dc, pb.q, pb.weights[0], dq, part, BC, D, H0, per), dict(
+        BR=BR, DP=pb.DP, HP0=_p2(H0), ACC=pb.ACC, DOT=pb.ACC if pb.ACC == tl.float64 else tl.float32,
+        PREC=pb.PREC if pb.dtype == torch.float32 else ("ieee" if pb.ACC == tl.float64 else "tf32"),
+        num_warps=4, num_stages=1))
+    return part.sum(0) if progs > 1 else part[0]
+
+
+# ------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------
 def _p2(n: int, lo: int = 16) -> int:
@@ -1026,7 +1078,7 @@ def _launch(kernel, grid, args, kw):
         except OutOfResources as e:
             if kw.get("PREC") == "tf32x3":
                 changed["PREC"] = kw["PREC"] = "tf32"
-            elif kw["BT"] * kw["CB"] > 16 and kw["BT"] > 1:
+            elif "BT" in kw and kw["BT"] * kw["CB"] > 16 and kw["BT"] > 1:
                 changed["BT"] = kw["BT"] = kw["BT"] // 2
             else:
                 raise RuntimeError(
@@ -1150,14 +1202,12 @@ def _backward(mode, grad_out, grad_attn, attn, grad_mean, grad_var, mean, query,
     def piece(slot, shape):  # a copy: the op's outputs must not alias each other
         return g[offs[slot]:offs[slot] + sizes[slot]].view(shape).clone()
 
-    # layer 0 from its folded pieces and dc = sum_t dz0_t per (row, candidate)
-    W0 = pb.weights[0].to(acc_t)
-    Wq, Wd = W0[:, :D], W0[:, 2 * D:3 * D]
-    qf = pb.q.reshape(BC, D).to(acc_t)
-    dWqd = dc.t() @ qf  # [H0, D]: dWq = dWd's q part = sum dc q^T
+    # layer 0 from its folded pieces and dc = sum_t dz0_t per (row, candidate):
+    # dWq = (q part of dWd) = dc^T Q, dq += dc (Wq + Wd); a kernel rather than torch matmuls,
+    # which refuse deterministic mode without CUBLAS_WORKSPACE_CONFIG
+    dWqd = _finish_layer0(dc, pb, dq, acc_t)
     dWkd = piece(0, (H0, D))
     dW0 = torch.cat([dWqd, dWkd, dWqd - dWkd, piece(1, (H0, D))], dim=1)
-    dq = dq + dc @ (Wq + Wd)
     dweights = [dW0.to(dtype)]
     dbiases = [dc.sum(0).to(dtype)]
     for i in range(1, n_act):
