@@ -7,7 +7,8 @@
 The providers and the cases come from din_ops/bench/<op>.py, shared with the main job
 (``python -m din_ops.bench``). Every measurement is first checked against the reference.
 Without a GPU the Triton kernels would only run in the interpreter, far too slowly to time, so
-the suites time the C++ kernels on the CPU, and the Triton kernels on CUDA when present.
+the suites time the C++ kernels on the CPU, and the Triton kernels on CUDA when present (float32
+and bfloat16; float32 matmuls in TF32 for every provider, as din_ops' Triton kernels use).
 """
 import pytest
 import torch
@@ -38,6 +39,8 @@ def pytest_generate_tests(metafunc):
 def pytest_configure(config):
     torch.manual_seed(0)
     if torch.cuda.is_available():
+        from din_ops.bench.common import use_tf32_on_cuda
         from din_ops.bench.runner import _load_gpu_kernels
 
         _load_gpu_kernels("cuda")  # CUDA tensors run the Triton kernels, registered on import
+        use_tf32_on_cuda()  # float32 matmuls in TF32 for every provider, as din_ops' kernels

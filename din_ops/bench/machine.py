@@ -1,7 +1,8 @@
 """The machine's limits, measured in the same run as the benchmarks.
 
 - Peak FLOP/s: the best rate of ``torch.mm`` on square matrices (CPU: float32, sizes 1024 and
-  2048; CUDA: 8192, float32 with TF32 as torch's defaults leave it, and bfloat16).
+  2048; CUDA: 8192, bfloat16 and float32, the latter with TF32 operands as the runner sets for
+  every provider on CUDA).
 - Memory bandwidth: the best rate of a large tensor copy (read + write), larger than the
   last-level cache (CPU: 2 x 512 MiB; CUDA: 2 x 1 GiB).
 
@@ -32,7 +33,9 @@ class Machine:
         return self.flops.get(dtype_name, self.flops["fp32"])
 
     def summary(self) -> str:
-        f = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in self.flops.items())
+        tf32 = self.device == "cuda" and torch.get_float32_matmul_precision() != "highest"
+        f = ", ".join(f"{k}{' (TF32)' if tf32 and k == 'fp32' else ''} {v / 1e9:.0f} GFLOP/s"
+                      for k, v in self.flops.items())
         return f"{self.name}, {self.threads} threads: matmul {f}; copy {self.bandwidth / 1e9:.1f} GB/s"
 
 

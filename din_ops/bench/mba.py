@@ -29,7 +29,7 @@ import torch
 import din_ops
 from din_ops import reference as R
 
-from .common import TOLERANCE, OpBench, compile_fn, rel_err
+from .common import OpBench, compile_fn, rel_err, tolerance
 
 LR, LAM, EPS = 1e-3, 1e-4, 1e-10
 # The correctness check takes one step with a large rate and penalty, so that a wrong
@@ -225,14 +225,14 @@ class MBABench(OpBench):
             self.providers[provider](mine, mode, CHECK_LR, CHECK_LAM)
             moved = (mine.weight != w0).any(1) | (mine.state != s0)
             if bool((moved & ~is_batch).any()):
-                return math.inf, TOLERANCE[c.dtype]  # wrote a row that is not in the batch
+                return math.inf, tolerance(c.dtype, dev)  # wrote a row that is not in the batch
             ref_w, ref_s = w0.to(acc, copy=True), s0.clone()
             reference_update(ref_w, mine.indices, c.grad.to(acc), mine.freq, ref_s, mode, CHECK_LR, CHECK_LAM)
             w0 = w0.to(acc)
             err = rel_err(mine.weight.to(acc)[is_batch] - w0[is_batch], ref_w[is_batch] - w0[is_batch])
             if mode != "sgd":
                 err = max(err, rel_err(mine.state[is_batch] - s0[is_batch], ref_s[is_batch] - s0[is_batch]))
-        return err, TOLERANCE[c.dtype]
+        return err, tolerance(c.dtype, dev)
 
     def flops(self, c, mode):
         return flops(c, mode)

@@ -35,7 +35,7 @@ import din_ops
 from . import attention_pooling as _attention
 from . import dice as _dice
 from . import mba as _mba
-from .common import DTYPE_NAMES, DTYPES, TOLERANCE, OpBench, Timer, sync
+from .common import DTYPE_NAMES, DTYPES, OpBench, Timer, tolerance, use_tf32_on_cuda
 from .machine import Machine, calibrate, device_name
 from .memory import peak_bytes
 
@@ -205,7 +205,7 @@ class Runner:
             "mba_update": [dict(B=37, T=23, D=7, E=300)],
         }
         self.log(f"self-check against din_ops/reference.py ({DTYPE_NAMES[dtype]}, tolerance "
-                 f"{TOLERANCE[dtype]:.0e} relative):")
+                 f"{tolerance(dtype, self.device):.0e} relative):")
         for op in self.ops:
             bench = BENCHES[op]
             for provider in self.provider_names(bench):
@@ -609,6 +609,7 @@ def main(argv=None) -> int:
         if device.index is None:  # set_device and friends want an index
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
+        use_tf32_on_cuda()
     preset_name = args.preset or ("gpu" if device.type == "cuda" else "default")
     preset = dataclasses.replace(PRESETS[preset_name])
     if args.time_limit is not None:
