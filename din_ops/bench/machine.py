@@ -137,3 +137,28 @@ def _calibrate_cuda(device, scale: float) -> Machine:
         torch.cuda.empty_cache()
     props = torch.cuda.get_device_properties(device)
     return Machine("cuda", torch.cuda.get_device_name(device), props.multi_processor_count, flops, bw)
+
+
+def keep_freed_memory() -> str:
+    """Makes glibc keep freed memory for reuse instead of returning it to the OS.
+
+    By default glibc serves every allocation above 32 MiB with a fresh ``mmap`` and unmaps it on
+    free, so each large output a step allocates is faulted in page by page on first touch (a
+    65 MB output: 10-30 ms on this kind of VM, more than din_ops' Dice kernel itself), and how
+    much of that a measurement pays depended on what ran before it in the process. With the
+    ``mmap`` threshold at 1 GiB and trimming off, freed buffers are reused (what a caching
+    allocator such as jemalloc or tcmalloc, the usual advice for PyTorch on CPU, gives), and
+    every provider's time is its compute and memory traffic. Returns a description of the
+    setting for the results ("glibc default" where it could not be applied).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1 and libc.mallopt(m_trim_threshold, 1 << 31) == 1
+    except (OSError, AttributeError):
+        ok = False
+    return "glibc mmap threshold 1 GiB, no trim" if ok else "allocator default"
+

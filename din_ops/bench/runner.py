@@ -36,7 +36,7 @@ from . import attention_pooling as _attention
 from . import dice as _dice
 from . import mba as _mba
 from .common import DTYPE_NAMES, DTYPES, OpBench, Timer, tolerance, use_tf32_on_cuda
-from .machine import Machine, calibrate, device_name
+from .machine import Machine, calibrate, device_name, keep_freed_memory
 from .memory import peak_bytes
 
 BENCHES: Dict[str, OpBench] = {b.name: b for b in (_attention.BENCH, _dice.BENCH, _mba.BENCH)}
@@ -107,7 +107,7 @@ CSV_COLUMNS = [
     "median_ms", "p20_ms", "p80_ms", "reps", "speedup_vs_eager", "speedup_vs_compile",
     "peak_mem_bytes", "gflops", "gbps", "pct_peak_flops", "pct_peak_bw", "pct_limit", "limit",
     "check_err", "check_tol", "status", "device", "device_name", "threads", "peak_flops",
-    "peak_bw", "torch_version", "din_ops_version", "git_rev",
+    "peak_bw", "allocator", "torch_version", "din_ops_version", "git_rev",
 ]
 
 
@@ -169,7 +169,8 @@ class Row:
 
 class Runner:
     def __init__(self, device, preset: Preset, ops: Sequence[str], providers: Optional[Sequence[str]],
-                 dtypes: Sequence[str], memory: bool, out: str, name: str, log=print):
+                 dtypes: Sequence[str], memory: bool, out: str, name: str, log=print,
+                 allocator: str = "allocator default"):
         self.device = torch.device(device)
         self.preset = preset
         self.ops = list(ops)
@@ -184,8 +185,8 @@ class Runner:
         self.machine: Optional[Machine] = None
         self.timer = Timer(self.device, budget_s=preset.budget_s, min_reps=preset.min_reps,
                            max_reps=preset.max_reps)
-        self.versions = dict(torch_version=torch.__version__, din_ops_version=din_ops.__version__,
-                             git_rev=_git_rev())
+        self.versions = dict(allocator=allocator, torch_version=torch.__version__,
+                             din_ops_version=din_ops.__version__, git_rev=_git_rev())
 
     def provider_names(self, bench: OpBench) -> List[str]:
         """``--providers`` if given (it overrides the preset's skip list), else the preset's."""
@@ -497,7 +498,9 @@ class Runner:
                f"- device: {self.device.type}, {m.name}, {m.threads} {'threads' if m.device == 'cpu' else 'SMs'}",
                f"- torch {self.versions['torch_version']}, din_ops {self.versions['din_ops_version']} "
                f"({self.versions['git_rev'] or 'no git'}), {datetime.date.today().isoformat()}",
-               "- limits measured in the run: " + m.summary(), ""]
+               "- limits measured in the run: " + m.summary(),
+               f"- CPU allocator: {self.versions['allocator']}; load average at the end "
+               f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}" if m.device == "cpu" else "", ""]
         head = self.headline()
         if head:
             out += ["```", head.strip(), "```", ""]
@@ -591,6 +594,9 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", default=None, help="comma-separated, e.g. fp32,bf16 (default: fp32 on CPU, "
                                                   "fp32,bf16 on CUDA)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--malloc-default", action="store_true",
+                   help="CPU: leave glibc's allocator as it is (by default the runner makes it keep freed "
+                        "memory, so large outputs are not page-faulted in at every step; see machine.py)")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds after which no new shape is started (the outputs are still written)")
     p.add_argument("--plot", metavar="CSV", default=None, help="only redraw the plot of an existing CSV")
@@ -628,9 +634,12 @@ def main(argv=None) -> int:
     providers = [p.strip() for p in args.providers.split(",")] if args.providers else None
     name = args.name or ("gpu" if device.type == "cuda" else "cpu")
     _load_gpu_kernels(device)
+    allocator = "allocator default"
+    if device.type == "cpu" and not args.malloc_default:
+        allocator = keep_freed_memory()
     print(f"preset {preset_name}: {preset.doc}")
     runner = Runner(device, preset, ops, providers, dtypes, memory=not args.no_memory, out=args.out,
-                    name=name)
+                    name=name, allocator=allocator)
 
     def stop(signum, frame):
         raise KeyboardInterrupt
