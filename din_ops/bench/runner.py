@@ -85,7 +85,7 @@ PRESETS: Dict[str, Preset] = {
         shapes=[("headline", _shape(**HEADLINE))] + [("T", _shape(SWEEP_BT // T, T)) for T in T_VALUES],
         budget_s=0.4, min_reps=3, max_reps=30, memory_tags=("headline",),
         doc=f"the headline shape (B=2048, T=100), then a T sweep 10..1000 at B*T = {SWEEP_BT} (peak "
-            "memory at the headline shape only); about 3 minutes on 2 CPU cores"),
+            "memory at the headline shape only); about 2 minutes on 2 idle CPU cores"),
     "full": Preset(
         shapes=[("T", _shape(2048, T)) for T in T_VALUES]
         + [("B", _shape(B, 100)) for B in (256, 1024, 4096)]
