@@ -9,11 +9,17 @@ from ._library import backend, get_backend, set_backend
 from .ops.attention_pooling import attention_pooling
 from .ops.dice import dice
 from . import nn  # noqa: E402  (din_ops.nn.AttentionPooling, ...)
+from .ops.mba import FrequencyCounter, count_frequencies, mba_penalty, mba_sparse_update_
+from . import optim  # noqa: F401,E402  (din_ops.optim.MBASGD / MBAAdagrad)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FrequencyCounter",
     "attention_pooling",
+    "count_frequencies",
+    "mba_penalty",
+    "mba_sparse_update_",
     "backend",
     "dice",
     "get_backend",

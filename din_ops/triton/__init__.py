@@ -1,1 +1,2 @@
 from . import dice  # noqa: F401
+from . import mba  # noqa: F401
