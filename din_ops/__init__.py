@@ -11,6 +11,7 @@ from .ops.dice import dice
 from . import nn  # noqa: E402  (din_ops.nn.AttentionPooling, ...)
 from .ops.mba import FrequencyCounter, count_frequencies, mba_penalty, mba_sparse_update_
 from . import optim  # noqa: F401,E402  (din_ops.optim.MBASGD / MBAAdagrad)
+from . import models  # noqa: F401,E402  (din_ops.models.DIN, BaseModel)
 
 __version__ = "0.1.0"
 
