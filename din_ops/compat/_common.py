@@ -43,8 +43,8 @@ def din_ops_dice_stats(d: _DinDice) -> Stats:
     return Stats(d.running_mean, d.running_var, d.gamma, d.beta, d.eps, d.momentum, batch=d.training)
 
 
-def plain_activation(mod: Optional[nn.Module]):
-    """``(name, alpha)`` for activations shared by the libraries, or ``None``."""
+def plain_activation(mod: Optional[nn.Module], like: torch.Tensor):
+    """``(name, alpha)`` for activations shared by the libraries, or ``None`` (``like``: dtype, device)."""
     if mod is None or isinstance(mod, nn.Identity) or type(mod).__name__ == "Identity":
         return "identity", None
     if isinstance(mod, nn.Sigmoid):
@@ -55,7 +55,7 @@ def plain_activation(mod: Optional[nn.Module]):
         return "prelu", mod.weight
     if isinstance(mod, nn.LeakyReLU):
         # a PReLU whose slope is a constant: exact, and no gradient is asked for it
-        return "prelu", torch.full((1,), float(mod.negative_slope))
+        return "prelu", torch.full((1,), float(mod.negative_slope), dtype=like.dtype, device=like.device)
     return None
 
 

@@ -78,12 +78,10 @@ def _hidden_layers(lau) -> List[Hidden]:
         elif isinstance(act, _DinDice):
             layers.append(Hidden(lin.weight, lin.bias, "dice", act.alpha, bn=bn, dice=din_ops_dice_stats(act)))
         else:
-            plain = plain_activation(act)
+            plain = plain_activation(act, lin.weight)
             if plain is None:
                 raise Unsupported(f"activation {type(act).__name__}")
             name, alpha = plain
-            if alpha is not None:
-                alpha = alpha.to(device=lin.weight.device, dtype=lin.weight.dtype)
             layers.append(Hidden(lin.weight, lin.bias, name, alpha, bn=bn))
     if len({h.activation for h in layers}) > 1:
         raise Unsupported("hidden layers with different activations")
