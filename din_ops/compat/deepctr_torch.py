@@ -31,6 +31,8 @@ Semantics (see docs/compat.md):
   it 2-D input); a converted ``Dice`` accepts both 2-D and 3-D input.
 - Dropout inside a stand-alone ``LocalActivationUnit`` (``dropout_rate > 0``) in training mode
   falls back to the original forward (the fused op has no dropout).
+- ``LocalActivationUnit(use_bn=True)`` is refused: DeepCTR-Torch applies ``BatchNorm1d(H)`` to the
+  ``[B, T, H]`` activations, which fails unless ``T == H`` (and then normalizes over ``T``).
 """
 from __future__ import annotations
 
@@ -89,6 +91,10 @@ def _hidden_layers(lau) -> List[Hidden]:
 
 
 def _check_lau(lau):
+    if lau.dnn.use_bn:
+        # DeepCTR-Torch applies BatchNorm1d(H) to the unit's [B, T, H] input, i.e. over axis T:
+        # it fails unless T == H, and then normalizes the wrong axis; nothing to reproduce
+        raise Unsupported("use_bn=True in the attention unit (BatchNorm1d over axis T of [B, T, H])")
     _hidden_layers(lau)
     if lau.dense.out_features != 1:
         raise Unsupported("the output layer must have one unit")
@@ -116,7 +122,7 @@ class _FusedAttentionSequencePoolingLayer:
         else:
             rows = Rows(keys, lengths=valid.sum(1))
         lau = self.local_att
-        out, w = run_unit(query.reshape(B, D), rows, _hidden_layers(lau), lau.dense.weight, lau.dense.bias,
+        out, w = run_unit(query.reshape(query.shape[0], query.shape[-1]), rows, _hidden_layers(lau), lau.dense.weight, lau.dense.bias,
                           normalization="softmax" if self.weight_normalization else "none",
                           stats_rows=_stats_rows(keys, rows, self._din_ops_dice_statistics), return_weights=True)
         if self.return_score:
