@@ -72,8 +72,8 @@ class EagerAttentionPooling(AttentionPooling):
                 h = torch.sigmoid(h)
             elif self.activation == "relu":
                 h = torch.relu(h)
-            elif self.activation == "prelu":
-                h = self.prelu[i](h)
+            elif self.activation == "prelu":  # per channel of the last dim (nn.PReLU would take dim 1)
+                h = torch.where(h >= 0, h, self.prelu[i].weight * h)
             elif self.activation == "dice":
                 d = self.dice[i]
                 h = _ref.dice(h, d.alpha, d.running_mean, d.running_var, lengths=lengths if lengths is not None

@@ -63,6 +63,12 @@ class Split:
     def __len__(self):
         return self.items.shape[0]
 
+    def head(self, n: Optional[int]) -> "Split":
+        """The first ``n`` examples (all when ``n`` is None)."""
+        if n is None:
+            return self
+        return Split(*(getattr(self, f)[:n] for f in self.__dataclass_fields__))
+
     def batch(self, idx) -> Dict[str, torch.Tensor]:
         L = self.lengths[idx]
         T = max(int(L.max()) if L.numel() else 0, 1)  # trim the batch to its longest history

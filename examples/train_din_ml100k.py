@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
     p.add_argument("--data-dir", default=None, help="folder with ml-100k.{inter,item,user} (default: recbole's)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ml100k.md"))
+    p.add_argument("--max-train", type=int, default=None, help="use only the first N training examples")
+    p.add_argument("--max-test", type=int, default=None, help="use only the first N test examples")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -223,6 +225,7 @@ def main(argv=None):
     threads = args.threads or max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)
     data = ml100k.load(args.data_dir, max_len=args.max_len)
+    data.train, data.test = data.train.head(args.max_train), data.test.head(args.max_test)
     results = []
     t0 = time.perf_counter()
     for name in args.models:
