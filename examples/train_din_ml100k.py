@@ -7,9 +7,10 @@ Models (paper sections 4-6): ``base`` (BaseModel: sum pooling), ``din`` (attenti
 PReLU MLP), ``din_dice`` (Dice MLP), ``din_mba`` (MBA regularization of the embeddings),
 ``din_dice_mba``. Each trains twice from the same seed on the same data order: ``eager`` (the
 attention unit and Dice in plain PyTorch, ``torch.optim.Adagrad`` with the MBA term added to the
-sparse gradients in PyTorch) and ``din_ops`` (the fused ops, ``din_ops.optim.MBAAdagrad``). Test
-AUC, GAUC (paper eq. 5.1) and training examples/second go to a Markdown table
-(``examples/results/ml100k.md``).
+sparse gradients in PyTorch) and ``din_ops`` (the fused ops, ``din_ops.optim.MBAAdagrad``). The
+backends train in lock-step (each batch goes through both models in turn), so a busy machine
+slows them alike; each is timed on its own steps. Test AUC, GAUC (paper eq. 5.1) and training
+examples/second go to a Markdown table (``examples/results/ml100k.md``).
 
 Under ``torchrun`` every process trains on its share of each global batch with
 ``DistributedDataParallel`` (gloo, CPU); rank 0 evaluates and writes the table.
@@ -57,14 +58,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--backends", nargs="+", default=["eager", "din_ops"], choices=list(din_ops.models.BACKENDS))
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=512, help="global batch (split across processes)")
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--mba-lambda", type=float, default=0.05)
     p.add_argument("--embed-dim", type=int, default=16)
     p.add_argument("--max-len", type=int, default=50, help="history truncated to the last MAX_LEN ratings")
     p.add_argument("--seed", type=int, default=2018)
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (0: cores / processes). Default 1: on a small shared "
+                        "machine a second thread mostly waits for a busy core")
     p.add_argument("--data-dir", default=None, help="folder with ml-100k.{inter,item,user} (default: recbole's)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ml100k.md"))
     p.add_argument("--max-train", type=int, default=None, help="use only the first N training examples")
@@ -115,22 +118,25 @@ def evaluate(model, split, batch_size=4096):
         torch.from_numpy(s).clamp(1e-7, 1 - 1e-7), split.labels))
 
 
-def train_one(name, backend, data, args, rank, world):
-    torch.manual_seed(args.seed)
-    model = build(name, backend, data, args)
-    core = model
+def train(name, backends, data, args, rank, world):
+    """Trains ``name`` once per backend, all in lock-step: every batch goes through each backend's
+    model in turn, so they see the same data order and the same machine load (other jobs on a
+    shared machine slow the backends alike). Each backend's own step time is what it is timed on."""
     mba = MODELS[name][2]
-    freqs = core.frequencies(data.train.batches(8192)) if mba else None
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    opt = make_optimizer(model, backend, mba, args, freqs)
+    runs = []
+    for backend in backends:
+        torch.manual_seed(args.seed)  # the same initialization for every backend
+        core = build(name, backend, data, args)
+        freqs = core.frequencies(data.train.batches(8192)) if mba else None
+        model = torch.nn.parallel.DistributedDataParallel(core) if world > 1 else core
+        runs.append(dict(backend=backend, core=core, model=model, freqs=freqs,
+                         opt=make_optimizer(model, backend, mba, args, freqs), time=0.0))
     gen = torch.Generator().manual_seed(args.seed)
     steps = args.epochs * ((len(data.train) + args.batch_size - 1) // args.batch_size)
     bar = None
     if tqdm is not None and rank == 0 and not args.no_progress:
-        bar = tqdm(total=steps, desc=f"{name:>12} {backend:>7}", unit="batch", leave=False, file=sys.stderr)
+        bar = tqdm(total=steps, desc=f"{LABELS[name]:>24}", unit="batch", leave=False, file=sys.stderr)
     seen = 0
-    train_time = 0.0
     for _epoch in range(args.epochs):
         for batch in data.train.batches(args.batch_size, generator=gen, shuffle=True):
             n = batch["labels"].shape[0]
@@ -139,29 +145,36 @@ def train_one(name, backend, data, args, rank, world):
                 batch = {k: v[lo:hi] for k, v in batch.items()}
                 T = max(int(batch["lengths"].max()), 1) if hi > lo else 1
                 batch["hist_items"], batch["hist_categories"] = batch["hist_items"][:, :T], batch["hist_categories"][:, :T]
-            t0 = time.perf_counter()
-            logits = model(*(batch[k] for k in INPUTS))
-            loss = F.binary_cross_entropy_with_logits(logits, batch["labels"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if mba and backend == "eager":
-                mba_gradient_(core, args.mba_lambda, freqs)
-            opt.step()
-            train_time += time.perf_counter() - t0
+            losses = []
+            for r in runs:
+                t0 = time.perf_counter()
+                logits = r["model"](*(batch[k] for k in INPUTS))
+                loss = F.binary_cross_entropy_with_logits(logits, batch["labels"])
+                r["opt"].zero_grad(set_to_none=True)
+                loss.backward()
+                if mba and r["backend"] == "eager":
+                    mba_gradient_(r["core"], args.mba_lambda, r["freqs"])
+                r["opt"].step()
+                r["time"] += time.perf_counter() - t0
+                losses.append(f"{loss.item():.4f}")
             seen += n
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss="/".join(losses))
     if bar is not None:
         bar.close()
-    if world > 1:  # the slowest process sets the pace
-        t = torch.tensor([train_time])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        train_time = float(t)
-    result = dict(model=name, backend=backend, examples_per_s=seen / train_time, train_s=train_time)
-    if rank == 0:
-        result["auc"], result["gauc"], result["logloss"] = evaluate(core, data.test)
-    return result
+    results = []
+    for r in runs:
+        train_time = r["time"]
+        if world > 1:  # the slowest process sets the pace
+            t = torch.tensor([train_time])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            train_time = float(t)
+        result = dict(model=name, backend=r["backend"], examples_per_s=seen / train_time, train_s=train_time)
+        if rank == 0:
+            result["auc"], result["gauc"], result["logloss"] = evaluate(r["core"], data.test)
+        results.append(result)
+    return results
 
 
 def machine():
@@ -183,7 +196,8 @@ def write_table(results, args, data, world, path):
     lines = [
         "# DIN on MovieLens-100K: eager PyTorch vs din_ops",
         "",
-        f"Machine: {machine()}; {world} process(es). Written by `examples/train_din_ml100k.py` "
+        f"Machine: {machine()}; {world} process(es); load average {os.getloadavg()[0]:.1f} at the end "
+        f"(other jobs share the machine). Written by `examples/train_din_ml100k.py` "
         f"(`{' '.join(sys.argv[1:]) or 'no arguments'}`).",
         "",
         f"Data: ML-100K from the recbole 1.2.1 wheel; {len(data.train)} training / {len(data.test)} test ratings "
@@ -229,9 +243,9 @@ def main(argv=None):
     results = []
     t0 = time.perf_counter()
     for name in args.models:
-        for backend in args.backends:
-            r = train_one(name, backend, data, args, rank, world)
+        for r in train(name, args.backends, data, args, rank, world):
             results.append(r)
+            backend = r["backend"]
             if rank == 0:
                 print(f"{LABELS[name]:>18} {backend:>7}: AUC {r['auc']:.4f}  GAUC {r['gauc']:.4f}  "
                       f"logloss {r['logloss']:.4f}  {r['examples_per_s']:,.0f} examples/s", flush=True)
