@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=512, help="global batch (split across processes)")
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--dense-lr", type=float, default=0.01, help="learning rate of the MLPs")
-    p.add_argument("--mba-lambda", type=float, default=0.05)
+    p.add_argument("--mba-lambda", type=float, default=0.01, help="MBA strength (the paper uses 0.01)")
     p.add_argument("--embed-dim", type=int, default=16)
     p.add_argument("--max-len", type=int, default=50, help="history truncated to the last MAX_LEN ratings")
     p.add_argument("--seed", type=int, default=2018)
