@@ -52,6 +52,12 @@ def _load_triton():
     from . import triton as _triton_pkg  # noqa: F401  (registers the Triton kernels)
 
 
+def load_triton_if_usable() -> None:
+    """Registers the Triton kernels when they can run: a CUDA device, or the interpreter."""
+    if triton_available() and (torch.cuda.is_available() or triton_interpret()):
+        _load_triton()
+
+
 def set_backend(name: str) -> None:
     """``"cpp"`` (default): CPU tensors run the C++ kernels. ``"triton"``: CPU tensors run the
     Triton kernels under the interpreter (needs ``TRITON_INTERPRET=1`` before import)."""

@@ -19,11 +19,31 @@
 
 #include "common.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace din_ops {
 namespace cpu {
 namespace {
 
 enum class Optim { kSgd, kAdagrad, kAdagradRowwise };
+
+// Runs fn(part) for part in [0, nparts), parts handed out dynamically: the random row accesses
+// make the time per part uneven, and on a shared machine a descheduled thread then delays only
+// its current part instead of a static half of the work. fn must not throw.
+template <typename F>
+void for_each_part(int64_t nparts, const F& fn) {
+#ifdef _OPENMP
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), nparts));
+  if (threads > 1 && !at::in_parallel_region()) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t part = 0; part < nparts; ++part) fn(part);
+    return;
+  }
+#endif
+  for (int64_t part = 0; part < nparts; ++part) fn(part);
+}
 
 Optim parse_optimizer(std::string_view name) {
   if (name == "sgd") return Optim::kSgd;
@@ -247,6 +267,8 @@ inline acc sum_squares(const T* __restrict__ x, int64_t D) {
 // Segments ahead to prefetch: hides the latency of the random row reads (measured best at 4 for
 // 64-wide fp32 rows; more outstanding lines than the fill buffers hold only evict).
 constexpr int kPrefetch = 4;
+// Runs at least this long are summed in the position-order pre-pass (see update_segments).
+constexpr int64_t kHotRun = 16;
 
 inline void prefetch_row(const void* p, int64_t bytes, bool write) {
   const char* c = static_cast<const char*>(p);
@@ -263,13 +285,57 @@ void update_segments(scalar_t* __restrict__ weight, const scalar_t* __restrict__
   const acc lr = static_cast<acc>(lr_d);
   const acc eps = static_cast<acc>(eps_d);
   const uint64_t pmask = seg.pos_mask;
+  const int64_t U = seg.size();
+
+  // Hot rows (runs of at least kHotRun occurrences, the head of a skewed distribution) are summed
+  // first in a pass over the batch in position order: their gradient rows are then read in
+  // ascending address order (streaming) instead of one random row at a time, into a small
+  // buffer that stays in cache. The order of each row's sum is the same ascending position order
+  // as in the fused loop below, and each hot row belongs to one thread: deterministic.
+  std::vector<int32_t> hot_of_seg;
+  std::vector<acc> hot_sum;
+  {
+    std::vector<int64_t> hot_segs;
+    for (int64_t s = 0; s < U; ++s) {
+      if (seg.starts[2 * s + 1] - seg.starts[2 * s] >= kHotRun) hot_segs.push_back(s);
+    }
+    const int64_t H = static_cast<int64_t>(hot_segs.size());
+    if (H > 0) {
+      const int64_t M = static_cast<int64_t>(seg.packed.size());
+      hot_of_seg.assign(U, -1);
+      hot_sum.assign(H * D, acc(0));
+      std::vector<int32_t> hot_of_pos(M, -1);
+      std::vector<int64_t> work(H);
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t s = hot_segs[h];
+        hot_of_seg[s] = static_cast<int32_t>(h);
+        for (int64_t k = seg.starts[2 * s]; k < seg.starts[2 * s + 1]; ++k) {
+          hot_of_pos[static_cast<int64_t>(seg.packed[k] & pmask)] = static_cast<int32_t>(h);
+        }
+        work[h] = seg.starts[2 * s + 1] - seg.starts[2 * s];
+      }
+      // every part scans the whole position map, so only as many parts as threads
+      const auto hb = balanced_split(work, at::get_num_threads());
+      for_each_part(static_cast<int64_t>(hb.size()) - 1, [&](int64_t part) {
+        const int32_t lo = static_cast<int32_t>(hb[part]), hi = static_cast<int32_t>(hb[part + 1]);
+        for (int64_t p = 0; p < M; ++p) {
+          const int32_t h = hot_of_pos[p];
+          if (h < lo || h >= hi) continue;
+          acc* __restrict__ dst = hot_sum.data() + static_cast<int64_t>(h) * D;
+          const scalar_t* __restrict__ gr = grad + p * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] += static_cast<acc>(gr[d]);
+        }
+      });
+    }
+  }
+  const bool any_hot = !hot_of_seg.empty();
+
   const int64_t row_cost = std::max<int64_t>(1, D / 16);
   const auto bounds = split_segments(seg, row_cost, 8 * at::get_num_threads());
   const int64_t nparts = static_cast<int64_t>(bounds.size()) - 1;
-  at::parallel_for(0, nparts, 1, [&](int64_t pb, int64_t pe) {
+  for_each_part(nparts, [&](int64_t part) {
     std::vector<acc> buf(D);
-    acc* __restrict__ g = buf.data();
-    for (int64_t part = pb; part < pe; ++part) {
+    {
       const int64_t sb = bounds[part], se = bounds[part + 1];
       for (int64_t s = sb; s < se; ++s) {
         if (s + kPrefetch < se) {
@@ -278,25 +344,25 @@ void update_segments(scalar_t* __restrict__ weight, const scalar_t* __restrict__
           prefetch_row(weight + jt * D, D * sizeof(scalar_t), true);
           if (opt == Optim::kAdagrad) prefetch_row(state + jt * D, D * sizeof(state_t), true);
           if (opt == Optim::kAdagradRowwise) __builtin_prefetch(state + jt, 1, 1);
-          const int64_t kb = seg.starts[2 * t], ke = std::min(seg.starts[2 * t + 1], kb + 4);
+          const int64_t kb = seg.starts[2 * t];
+          const int64_t ke = (any_hot && hot_of_seg[t] >= 0) ? kb : std::min(seg.starts[2 * t + 1], kb + 8);
           for (int64_t k = kb; k < ke; ++k) {
             prefetch_row(grad + static_cast<int64_t>(seg.packed[k] & pmask) * D, D * sizeof(scalar_t),
                          false);
           }
         }
         const int64_t j = seg.rows[s];
-        const int64_t kb = seg.starts[2 * s], ke = seg.starts[2 * s + 1];
-        {
+        acc* __restrict__ g = buf.data();
+        if (any_hot && hot_of_seg[s] >= 0) {
+          g = hot_sum.data() + static_cast<int64_t>(hot_of_seg[s]) * D;  // summed above
+        } else {
+          const int64_t kb = seg.starts[2 * s], ke = seg.starts[2 * s + 1];
           const scalar_t* gr = grad + static_cast<int64_t>(seg.packed[kb] & pmask) * D;
           for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc>(gr[d]);
-        }
-        for (int64_t k = kb + 1; k < ke; ++k) {
-          if (k + 2 < ke) {
-            prefetch_row(grad + static_cast<int64_t>(seg.packed[k + 2] & pmask) * D, D * sizeof(scalar_t),
-                         false);
+          for (int64_t k = kb + 1; k < ke; ++k) {
+            gr = grad + static_cast<int64_t>(seg.packed[k] & pmask) * D;
+            for (int64_t d = 0; d < D; ++d) g[d] += static_cast<acc>(gr[d]);
           }
-          const scalar_t* gr = grad + static_cast<int64_t>(seg.packed[k] & pmask) * D;
-          for (int64_t d = 0; d < D; ++d) g[d] += static_cast<acc>(gr[d]);
         }
         const acc c = reg_coef<acc>(lam, counts[s]);
         scalar_t* __restrict__ w = weight + j * D;
@@ -380,6 +446,8 @@ void mba_sparse_update_cpu(const at::Tensor& weight, const at::Tensor& indices, 
               ", ", D, "], got ", grad.sizes());
   TORCH_CHECK(grad.scalar_type() == weight.scalar_type(), "grad must have the weight's dtype ",
               weight.scalar_type(), ", got ", grad.scalar_type());
+  TORCH_CHECK(grad.device() == weight.device() && indices.device() == weight.device(),
+              "grad and indices must be on the weight's device");
   check_freq(freq, weight);
   check_padding(padding_idx, N);
   const auto acc_st = acc_scalar_type(weight.scalar_type());
@@ -398,6 +466,7 @@ void mba_sparse_update_cpu(const at::Tensor& weight, const at::Tensor& indices, 
     TORCH_CHECK(st.scalar_type() == weight.scalar_type() || st.scalar_type() == acc_st,
                 "state must have dtype ", weight.scalar_type(), " or ", acc_st, ", got ", st.scalar_type());
     TORCH_CHECK(st.is_contiguous(), "state must be contiguous (it is updated in place)");
+    TORCH_CHECK(st.device() == weight.device(), "state must be on the weight's device");
     TORCH_CHECK(!st.is_same(weight), "state must not alias weight");
   }
   if (M == 0 || D == 0 || N == 0) {
@@ -447,8 +516,8 @@ at::Tensor mba_penalty_cpu(const at::Tensor& weight, const at::Tensor& indices, 
     const auto ranges = fixed_ranges(U, 1024);
     const int64_t R = static_cast<int64_t>(ranges.size()) - 1;
     std::vector<double> partial(R, 0.0);
-    at::parallel_for(0, R, 1, [&](int64_t rb, int64_t re) {
-      for (int64_t r = rb; r < re; ++r) {
+    for_each_part(R, [&](int64_t r) {
+      {
         double sum = 0;
         for (int64_t s = ranges[r]; s < ranges[r + 1]; ++s) {
           if (s + kPrefetch < ranges[r + 1]) {

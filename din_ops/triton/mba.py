@@ -16,6 +16,14 @@ Design
   place. No atomics: each row belongs to exactly one program, so results are deterministic and
   rows outside the batch are never touched. Rows wider than ``BLOCK_D`` are done in chunks;
   row-wise Adagrad then needs two passes (sum of squares first).
+* Hot rows (more than ``PIECE`` occurrences, e.g. the head of a Zipf distribution) are summed in
+  two levels: one program per piece of ``PIECE`` occurrences writes an fp32 partial row, then
+  the row's program sums its pieces in order. Fixed pieces keep the result deterministic.
+* GPU cost (H200, 1M x 64 fp32, 200k indices): ~1.3-1.6 ms per step against ~0.5-0.8 ms for the
+  eager torch.unique/index_add_/index_copy_ chain: the kernels are not the bottleneck, the
+  launcher is (sort, unique_consecutive and the hot-row bookkeeping cost several small kernels
+  and host synchronizations). A fully device-side segmentation (run starts and ends by
+  cummax/cummin, no syncs) measured slower (~2 ms) and was not kept.
 * Penalty: one program per block of distinct rows writes ``||w_j||^2 / max(n_j, 1)`` per row;
   the host sums them (``torch.sum``: fixed order). Its backward writes
   ``grad * lam / max(n_j, 1) * w_j`` on the present rows of a zero tensor.
@@ -58,8 +66,34 @@ def _segment_grad(grad_ptr, perm_ptr, start, cnt, d0, D, offs_k, offs_d, dmask,
 
 
 @triton.jit
+def _mba_pieces_kernel(grad_ptr, perm_ptr, piece_start_ptr, piece_cnt_ptr, partial_ptr, D,
+                       ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # one piece (at most PIECE consecutive occurrences of one hot row) per program
+    p = tl.program_id(0)
+    start = tl.load(piece_start_ptr + p)
+    cnt = tl.load(piece_cnt_ptr + p)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        dmask = (d0 + offs_d) < D
+        g = _segment_grad(grad_ptr, perm_ptr, start, cnt, d0, D, offs_k, offs_d, dmask, ACC, BLOCK_K, BLOCK_D)
+        tl.store(partial_ptr + p * D + d0 + offs_d, g, mask=dmask)
+
+
+@triton.jit
+def _row_grad(grad_ptr, perm_ptr, partial_ptr, ident_ptr, start, cnt, hot, d0, D, offs_k, offs_d, dmask,
+              ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # a hot row sums its pieces' partial sums (in piece order), a cold row its grad rows
+    if hot != 0:
+        g = _segment_grad(partial_ptr, ident_ptr, start, cnt, d0, D, offs_k, offs_d, dmask, ACC, BLOCK_K, BLOCK_D)
+    else:
+        g = _segment_grad(grad_ptr, perm_ptr, start, cnt, d0, D, offs_k, offs_d, dmask, ACC, BLOCK_K, BLOCK_D)
+    return g
+
+
+@triton.jit
 def _mba_update_kernel(weight_ptr, grad_ptr, state_ptr, freq_ptr, rows_ptr, starts_ptr, counts_ptr,
-                       perm_ptr, scalars_ptr, U, D, SEGS,
+                       hot_ptr, perm_ptr, partial_ptr, ident_ptr, scalars_ptr, U, D, SEGS,
                        OPT: tl.constexpr, ACC: tl.constexpr, ONE_CHUNK: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -74,14 +108,15 @@ def _mba_update_kernel(weight_ptr, grad_ptr, state_ptr, freq_ptr, rows_ptr, star
         row = tl.load(rows_ptr + s)
         start = tl.load(starts_ptr + s)
         cnt = tl.load(counts_ptr + s)
+        hot = tl.load(hot_ptr + s)
         # reference: n = freq[j].to(acc).clamp_min(1); lam / n
         n = tl.maximum(tl.load(freq_ptr + row).to(ACC), 1.0)
         c = lam / n
         w_row = weight_ptr + row * D
         if ONE_CHUNK:
             dmask = offs_d < D
-            g = _segment_grad(grad_ptr, perm_ptr, start, cnt, 0, D, offs_k, offs_d, dmask,
-                              ACC, BLOCK_K, BLOCK_D)
+            g = _row_grad(grad_ptr, perm_ptr, partial_ptr, ident_ptr, start, cnt, hot, 0, D, offs_k, offs_d,
+                          dmask, ACC, BLOCK_K, BLOCK_D)
             w = tl.load(w_row + offs_d, mask=dmask, other=0.0).to(ACC)
             r = g + c * w
             if OPT == 0:
@@ -101,8 +136,8 @@ def _mba_update_kernel(weight_ptr, grad_ptr, state_ptr, freq_ptr, rows_ptr, star
                 sq = tl.sum(tl.zeros([BLOCK_D], dtype=ACC), axis=0)
                 for d0 in range(0, D, BLOCK_D):
                     dmask = (d0 + offs_d) < D
-                    g = _segment_grad(grad_ptr, perm_ptr, start, cnt, d0, D, offs_k, offs_d, dmask,
-                                      ACC, BLOCK_K, BLOCK_D)
+                    g = _row_grad(grad_ptr, perm_ptr, partial_ptr, ident_ptr, start, cnt, hot, d0, D, offs_k,
+                                  offs_d, dmask, ACC, BLOCK_K, BLOCK_D)
                     w = tl.load(w_row + d0 + offs_d, mask=dmask, other=0.0).to(ACC)
                     r = g + c * w
                     sq += tl.sum(r * r, axis=0)
@@ -111,8 +146,8 @@ def _mba_update_kernel(weight_ptr, grad_ptr, state_ptr, freq_ptr, rows_ptr, star
                 denom = tl.sqrt(st) + eps
             for d0 in range(0, D, BLOCK_D):
                 dmask = (d0 + offs_d) < D
-                g = _segment_grad(grad_ptr, perm_ptr, start, cnt, d0, D, offs_k, offs_d, dmask,
-                                  ACC, BLOCK_K, BLOCK_D)
+                g = _row_grad(grad_ptr, perm_ptr, partial_ptr, ident_ptr, start, cnt, hot, d0, D, offs_k,
+                              offs_d, dmask, ACC, BLOCK_K, BLOCK_D)
                 w = tl.load(w_row + d0 + offs_d, mask=dmask, other=0.0).to(ACC)
                 r = g + c * w
                 if OPT == 0:
@@ -229,15 +264,48 @@ def mba_sparse_update_triton(weight, indices, grad, freq, state, lr, lam, optimi
         return
     grad = grad.contiguous()
     acc = _acc(weight.dtype)
+    ACC = _tl_acc(weight.dtype)
     scalars = torch.tensor([lr, lam, eps], dtype=acc, device=weight.device)
     BLOCK_D = _block_d(D)
     BLOCK_K = max(1, min(16, 2048 // BLOCK_D))
+    starts, counts, hot, partial, ident = _split_hot_rows(grad, perm, starts, counts, D, acc, ACC, BLOCK_K,
+                                                          BLOCK_D)
     SEGS = triton.cdiv(U, 8) if _interpreted(weight) else 1
     grid = (triton.cdiv(U, SEGS),)
     _mba_update_kernel[grid](
-        weight, grad, weight if state is None else state, freq, rows, starts, counts, perm, scalars,
-        U, D, SEGS, OPT=_OPT[optimizer], ACC=_tl_acc(weight.dtype), ONE_CHUNK=D <= BLOCK_D,
+        weight, grad, weight if state is None else state, freq, rows, starts, counts, hot, perm, partial, ident,
+        scalars, U, D, SEGS, OPT=_OPT[optimizer], ACC=ACC, ONE_CHUNK=D <= BLOCK_D,
         BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
+
+
+# Rows hit more than PIECE times are summed in two levels so that one program never walks a long
+# run serially (a Zipf-hot row can occur tens of thousands of times in a batch): first every piece
+# of PIECE occurrences in parallel, then the row's pieces in order. Fixed pieces: deterministic.
+PIECE = 256
+
+
+def _split_hot_rows(grad, perm, starts, counts, D, acc, ACC, BLOCK_K, BLOCK_D):
+    """Returns per row (start, count, hot) into either (perm, grad) or (ident, partial)."""
+    npieces = (counts + PIECE - 1) // PIECE
+    hot = npieces > 1
+    hot_rows = hot.nonzero().squeeze(1)
+    if hot_rows.numel() == 0:
+        return starts, counts, hot.to(torch.int32), grad, perm
+    hp = npieces[hot_rows]
+    first = torch.cumsum(hp, 0) - hp
+    P = int(hp.sum())
+    row_of_piece = torch.repeat_interleave(torch.arange(hot_rows.numel(), device=grad.device), hp,
+                                           output_size=P)
+    k = torch.arange(P, device=grad.device) - first[row_of_piece]
+    piece_start = (starts[hot_rows][row_of_piece] + k * PIECE).contiguous()
+    piece_cnt = torch.clamp(counts[hot_rows][row_of_piece] - k * PIECE, max=PIECE).contiguous()
+    partial = torch.empty(P, D, dtype=acc, device=grad.device)
+    _mba_pieces_kernel[(P,)](grad, perm, piece_start, piece_cnt, partial, D, ACC=ACC, BLOCK_K=BLOCK_K,
+                             BLOCK_D=BLOCK_D)
+    starts, counts = starts.clone(), counts.clone()
+    starts[hot_rows] = first
+    counts[hot_rows] = hp
+    return starts, counts, hot.to(torch.int32), partial, torch.arange(P, device=grad.device)
 
 
 def _penalty_blocks(U: int, D: int, interpreted: bool):
