@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import reference as _ref

@@ -23,7 +23,6 @@ import platform
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -244,6 +243,7 @@ def main(argv=None):
         dist.init_process_group("gloo")
     threads = args.threads or max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)
+    torch.sparse.check_sparse_tensor_invariants.disable()  # torch's default, said explicitly (no warning)
     data = ml100k.load(args.data_dir, max_len=args.max_len)
     data.train, data.test = data.train.head(args.max_train), data.test.head(args.max_test)
     results = []

@@ -3,7 +3,6 @@
 float64 throughout, tolerance 1e-10 relative to the largest value. Also the MovieLens-100K data
 module and metrics of the example.
 """
-import copy
 import os
 import sys
 
