@@ -133,7 +133,9 @@ def train(name, backends, data, args, rank, world):
         torch.manual_seed(args.seed)  # the same initialization for every backend
         core = build(name, backend, data, args)
         freqs = core.frequencies(data.train.batches(8192)) if mba else None
-        model = torch.nn.parallel.DistributedDataParallel(core) if world > 1 else core
+        model = core
+        if world > 1:  # one process group per model: the models train interleaved and must not share one
+            model = torch.nn.parallel.DistributedDataParallel(core, process_group=dist.new_group(backend="gloo"))
         runs.append(dict(backend=backend, core=core, model=model, freqs=freqs,
                          opt=make_optimizer(model, backend, mba, args, freqs), time=0.0))
     gen = torch.Generator().manual_seed(args.seed)

@@ -251,3 +251,20 @@ def test_din_ops_is_used():
         m(*_batch(2, 4, 3, torch.float32))
     assert any("din_ops::attention_pooling" in e.name for e in prof.events())
     assert din_ops.attention_pooling is not None
+
+
+def test_dropout_falls_back_in_training():
+    """A stand-alone unit with dropout runs DeepCTR-Torch's forward in training, the fused op in eval."""
+    torch.manual_seed(19)
+    m = LocalActivationUnit((8,), embedding_dim=3, activation="sigmoid", dropout_rate=0.5)
+    c = dc.convert(copy.deepcopy(m))
+    q, k = torch.randn(4, 1, 3), torch.randn(4, 6, 3)
+    torch.manual_seed(0)
+    a = m(q, k)
+    torch.manual_seed(0)
+    assert torch.equal(c(q, k), a)
+    m.eval(), c.eval()
+    with torch.profiler.profile() as prof:
+        y = c(q, k)
+    assert any("din_ops::attention_pooling" in e.name for e in prof.events())
+    _close(y, m(q, k), torch.float32, "eval")
