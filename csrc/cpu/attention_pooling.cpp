@@ -22,7 +22,7 @@ namespace din_ops {
 namespace cpu {
 namespace {
 
-constexpr int64_t kTile = 128;   // (position, candidate) pairs per tile
+constexpr int64_t kTile = 256;   // (position, candidate) pairs per tile
 constexpr int64_t kSlots = 64;   // work ranges (and gradient buffers)
 
 enum class Act { Sigmoid, ReLU, PReLU, Dice, Identity };
@@ -139,7 +139,7 @@ struct Mlp {
   int64_t D = 0, L = 0;
   std::vector<int64_t> H, fan_in;
   std::vector<at::Tensor> W, b;  // [H_l, fan_in_l], [H_l]
-  at::Tensor Wkd, Wqd;           // [H0, D]: Wk - Wd, Wq + Wd
+  at::Tensor Wkd, Wqd, WqdT;     // [H0, D]: Wk - Wd, Wq + Wd; [D, H0]: (Wq + Wd)^T
   const T* Wp = nullptr;         // column block 3 of W0, row stride 4D
   Act act = Act::Identity;
   std::vector<at::Tensor> alpha, mean, var, gamma, beta;
@@ -178,6 +178,7 @@ Mlp<T> make_mlp(int64_t D, at::TensorList weights, at::TensorList biases, at::Te
   const at::Tensor& W0 = m.W[0];
   m.Wkd = (W0.narrow(1, D, D) - W0.narrow(1, 2 * D, D)).contiguous();
   m.Wqd = (W0.narrow(1, 0, D) + W0.narrow(1, 2 * D, D)).contiguous();
+  m.WqdT = m.Wqd.t().contiguous();
   m.Wp = W0.data_ptr<T>() + 3 * D;
   const int64_t n_act = m.L - 1;
   if (m.act == Act::PReLU || m.act == Act::Dice) {
@@ -263,17 +264,20 @@ template <typename T>
 void fold_layer0(const Mlp<T>& m, const T* __restrict q, T* __restrict Abc, T* __restrict cbc) {
   const int64_t H0 = m.H[0], D = m.D;
   const T* Wkd = m.Wkd.template data_ptr<T>();
-  const T* Wqd = m.Wqd.template data_ptr<T>();
-  const T* b0 = m.bias(0);
   for (int64_t h = 0; h < H0; ++h) {
     const T* __restrict wp = m.Wp + h * 4 * D;
     const T* __restrict wkd = Wkd + h * D;
-    const T* __restrict wqd = Wqd + h * D;
     T* __restrict a = Abc + h * D;
     for (int64_t d = 0; d < D; ++d) a[d] = wkd[d] + wp[d] * q[d];
-    T c = b0[h];
-    for (int64_t d = 0; d < D; ++d) c += wqd[d] * q[d];
-    cbc[h] = c;
+  }
+  if (cbc == nullptr) return;
+  // cbc = b0 + (Wq + Wd) q, accumulated over d with h innermost so it vectorizes
+  const T* __restrict WqdT = m.WqdT.template data_ptr<T>();
+  std::memcpy(cbc, m.bias(0), H0 * sizeof(T));
+  for (int64_t d = 0; d < D; ++d) {
+    const T qd = q[d];
+    const T* __restrict w = WqdT + d * H0;
+    for (int64_t h = 0; h < H0; ++h) cbc[h] += w[h] * qd;
   }
 }
 
@@ -445,7 +449,7 @@ void tile_backward(const Mlp<T>& m, const GradLayout& lay, const Rows& r, const 
   const T* Wqd = m.Wqd.template data_ptr<T>();
   for (const Segment& s : ws.segs) {
     const T* q = in.q + (s.b * r.C + s.c) * D;
-    fold_layer0(m, q, ws.Abc.data(), ws.cbc.data());
+    fold_layer0<T>(m, q, ws.Abc.data(), nullptr);
     const T* dzs = dz + s.off * H0;
     const int64_t p0 = r.start[s.b] + s.t0;
     // dk += dz Abc; dAbc = dz^T k; dc = sum dz
