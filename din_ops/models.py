@@ -31,7 +31,8 @@ from . import reference as _ref
 from .nn import AttentionPooling, Dice
 from .ops.attention_pooling import ACTIVATIONS, NORMALIZATIONS
 
-__all__ = ["DIN", "BaseModel", "EagerAttentionPooling", "EagerDice", "BACKENDS"]
+__all__ = ["DIN", "BaseModel", "EagerAttentionPooling", "EagerDice", "BACKENDS", "distributed",
+           "sync_sparse_grads_"]
 
 BACKENDS = ("din_ops", "eager")
 
@@ -252,3 +253,60 @@ class BaseModel(DIN):
         for k in ("attention_units", "attention_activation", "attention_normalization"):
             kwargs.pop(k, None)
         super().__init__(num_items, num_categories, user_fields, pooling="sum", **kwargs)
+
+
+# --- data-parallel training -----------------------------------------------------------------------
+def _sparse_tables(module: nn.Module):
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Embedding) and m.sparse]
+
+
+def distributed(model: nn.Module, process_group=None, **kwargs):
+    """``DistributedDataParallel(model)`` for a model with ``nn.Embedding(sparse=True)`` tables.
+
+    DDP averages the dense gradients; the sparse tables are left out of it and averaged by
+    :func:`sync_sparse_grads_` (call it after ``backward``, before the optimizer step), which uses
+    dense all-gathers only: DDP's own sparse all-reduce over gloo corrupted the heap now and then
+    in our runs (torch 2.13, CPU; with or without din_ops in the model).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [f"{n}.weight" if n else "weight" for n, _ in _sparse_tables(model)]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return DistributedDataParallel(model, process_group=process_group, **kwargs)
+
+
+@torch.no_grad()
+def sync_sparse_grads_(model: nn.Module, process_group=None) -> None:
+    """Averages the sparse gradients of ``model``'s embedding tables over the processes, in place.
+
+    Each table's gradient rows (indices and values, duplicates summed first) are all-gathered and
+    the result, divided by the world size, becomes the new sparse gradient: what DDP would compute,
+    as a sum of the processes' sparse gradients. A table without gradient counts as empty.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size(process_group)
+    for _, emb in _sparse_tables(model):
+        p = emb.weight
+        if p.grad is not None:
+            g = p.grad.coalesce()
+            idx, val = g.indices()[0], g.values()
+        else:
+            idx = torch.zeros(0, dtype=torch.int64, device=p.device)
+            val = p.new_zeros((0, p.shape[1]))
+        n = torch.tensor([idx.numel()], dtype=torch.int64, device=p.device)
+        counts = [torch.zeros_like(n) for _ in range(world)]
+        dist.all_gather(counts, n, group=process_group)
+        counts = [int(c) for c in counts]
+        m = max(counts)
+        idx_pad = torch.zeros(m, dtype=idx.dtype, device=p.device)
+        idx_pad[:idx.numel()] = idx
+        val_pad = val.new_zeros((m, val.shape[1]))
+        val_pad[:val.shape[0]] = val
+        all_idx = [torch.empty_like(idx_pad) for _ in range(world)]
+        all_val = [torch.empty_like(val_pad) for _ in range(world)]
+        dist.all_gather(all_idx, idx_pad, group=process_group)
+        dist.all_gather(all_val, val_pad, group=process_group)
+        idx = torch.cat([t[:c] for t, c in zip(all_idx, counts)])
+        val = torch.cat([t[:c] for t, c in zip(all_val, counts)]) / world
+        p.grad = torch.sparse_coo_tensor(idx[None], val, p.shape).coalesce()

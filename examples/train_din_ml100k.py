@@ -13,7 +13,9 @@ slows them alike; each is timed on its own steps. Test AUC, GAUC (paper eq. 5.1)
 examples/second go to a Markdown table (``examples/results/ml100k.md``).
 
 Under ``torchrun`` every process trains on its share of each global batch with
-``DistributedDataParallel`` (gloo, CPU); rank 0 evaluates and writes the table.
+``DistributedDataParallel`` (gloo, CPU) through :func:`din_ops.models.distributed`, which leaves the
+sparse embedding gradients to :func:`din_ops.models.sync_sparse_grads_`; rank 0 evaluates and
+writes the table.
 """
 from __future__ import annotations
 
@@ -133,10 +135,11 @@ def train(name, backends, data, args, rank, world):
         torch.manual_seed(args.seed)  # the same initialization for every backend
         core = build(name, backend, data, args)
         freqs = core.frequencies(data.train.batches(8192)) if mba else None
-        model = core
-        if world > 1:  # one process group per model: the models train interleaved and must not share one
-            model = torch.nn.parallel.DistributedDataParallel(core, process_group=dist.new_group(backend="gloo"))
-        runs.append(dict(backend=backend, core=core, model=model, freqs=freqs,
+        model, group = core, None
+        if world > 1:  # one process group per model: the models train interleaved
+            group = dist.new_group(backend="gloo")
+            model = din_ops.models.distributed(core, process_group=group)
+        runs.append(dict(backend=backend, core=core, model=model, freqs=freqs, group=group,
                          opt=make_optimizer(model, backend, mba, args, freqs), time=0.0))
     gen = torch.Generator().manual_seed(args.seed)
     steps = args.epochs * ((len(data.train) + args.batch_size - 1) // args.batch_size)
@@ -159,6 +162,8 @@ def train(name, backends, data, args, rank, world):
                 loss = F.binary_cross_entropy_with_logits(logits, batch["labels"])
                 r["opt"].zero_grad(set_to_none=True)
                 loss.backward()
+                if world > 1:  # DDP averaged the dense gradients; the sparse tables are averaged here
+                    din_ops.models.sync_sparse_grads_(r["core"], r["group"])
                 if mba and r["backend"] == "eager":
                     mba_gradient_(r["core"], args.mba_lambda, r["freqs"])
                 r["opt"].step()
