@@ -12,6 +12,7 @@ from .ops.dice import dice
 from .ops.mba import FrequencyCounter, count_frequencies, mba_penalty, mba_sparse_update_
 from . import nn  # noqa: E402  (din_ops.nn.AttentionPooling, din_ops.nn.Dice)
 from . import optim  # noqa: E402  (din_ops.optim.MBASGD, din_ops.optim.MBAAdagrad)
+from . import models  # noqa: E402  (din_ops.models.DIN, din_ops.models.BaseModel)
 
 # CUDA tensors run the Triton kernels: register them whenever they can run.
 _library.load_triton_if_usable()

@@ -1,0 +1,13 @@
+"""Drop din_ops into DIN code written for other libraries: one call converts a model in place.
+
+- :mod:`din_ops.compat.deepctr_torch`: DeepCTR-Torch 0.3.0 (``AttentionSequencePoolingLayer``,
+  ``LocalActivationUnit``, ``Dice``, ``DIN``).
+- :mod:`din_ops.compat.torch_rechub`: torch-rechub 0.9.0 (DIN's ``ActivationUnit``).
+- :mod:`din_ops.compat.recbole`: RecBole 1.2.1 (``SequenceAttLayer``).
+
+Each ``convert(model, ...)`` keeps the model's parameters, buffers and ``state_dict`` keys: the
+converted modules become subclasses of their original classes whose ``forward`` calls the fused
+ops. Where a library's semantics differ from the paper's, the default reproduces the library and
+an option gives the corrected behaviour; docs/compat.md lists every difference. The submodules
+import their library only when ``convert`` is called.
+"""

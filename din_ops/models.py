@@ -1,0 +1,312 @@
+"""Complete CTR models built on din_ops: the paper's DIN and its BaseModel (Zhou et al., KDD 2018).
+
+:class:`DIN` embeds the user-profile fields, the candidate item and its category, and the
+behaviour history (items and their categories, sharing the candidate's tables), pools the history
+with the local activation unit (:class:`din_ops.nn.AttentionPooling`), and scores
+``[user fields, candidate, user interest]`` with an MLP whose hidden layers use Dice
+(:class:`din_ops.nn.Dice`) or PReLU; the output is a logit (``predict`` applies the sigmoid).
+:class:`BaseModel` is the same network with sum pooling of the history (the paper's baseline).
+
+``backend="eager"`` builds the same network (same parameters, same initialization under the same
+seed, same ``state_dict``) whose attention unit and Dice are plain PyTorch, written as DeepCTR-Torch
+writes them (expand, concatenate ``[q, k, q - k, q * k]``, ``nn.Linear``, mask, ``bmm``). It is
+the baseline the fused ops are measured against.
+
+Embedding tables are ``nn.Embedding(sparse=True)`` with row 0 reserved for padding, so MBA
+regularization (paper eq. 2.4) trains them in one line with :mod:`din_ops.optim`::
+
+    model = din_ops.models.DIN(num_items, num_categories, user_fields=(943, 2, 7, 21))
+    opt = din_ops.optim.MBAAdagrad(model.parameters(), lr=0.05, lam=0.01,
+                                   frequencies=model.frequencies(batches),
+                                   padding_idx=din_ops.optim.embedding_padding(model))
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import reference as _ref
+from .nn import AttentionPooling, Dice
+from .ops.attention_pooling import ACTIVATIONS, NORMALIZATIONS
+
+__all__ = ["DIN", "BaseModel", "EagerAttentionPooling", "EagerDice", "BACKENDS", "distributed",
+           "sync_sparse_grads_"]
+
+BACKENDS = ("din_ops", "eager")
+
+
+class EagerDice(Dice):
+    """:class:`din_ops.nn.Dice` computed in plain PyTorch (same parameters and buffers).
+
+    Statistics over the valid rows (all rows of ``x [N, C]``; ``t < lengths[b]`` of ``[B, T, C]``),
+    running statistics updated like ``BatchNorm1d`` in training and used in eval mode.
+    """
+
+    def forward(self, x, lengths=None, offsets=None):
+        return _ref.dice(x, self.alpha, self.running_mean, self.running_var, lengths=lengths, gamma=self.gamma,
+                         beta=self.beta, training=self.training, momentum=self.momentum, eps=self.eps)
+
+
+class EagerAttentionPooling(AttentionPooling):
+    """:class:`din_ops.nn.AttentionPooling` in plain PyTorch, the way DIN implementations write it.
+
+    Same parameters, initialization and results as the fused module; the ``[B, T, 4D]``
+    concatenation and every hidden activation are materialized. Query ``[B, D]`` only.
+    """
+
+    def forward(self, query, keys, lengths: Optional[torch.Tensor] = None, offsets: Optional[torch.Tensor] = None,
+                return_weights: bool = False):
+        if query.dim() != 2:
+            raise ValueError("EagerAttentionPooling takes query [B, D]")
+        if offsets is not None:
+            keys, lengths = _ref.jagged_to_padded(keys, offsets)
+        B, T, D = keys.shape
+        mask = _ref.valid_mask(lengths, B, T, keys.device)  # [B, T]
+        q = query.unsqueeze(1).expand(B, T, D)
+        h = torch.cat([q, keys, q - keys, q * keys], dim=-1)  # [B, T, 4D]
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if self.activation == "sigmoid":
+                h = torch.sigmoid(h)
+            elif self.activation == "relu":
+                h = torch.relu(h)
+            elif self.activation == "prelu":  # per channel of the last dim (nn.PReLU would take dim 1)
+                h = torch.where(h >= 0, h, self.prelu[i].weight * h)
+            elif self.activation == "dice":
+                d = self.dice[i]
+                h = _ref.dice(h, d.alpha, d.running_mean, d.running_var, lengths=lengths if lengths is not None
+                              else torch.full((B,), T, device=keys.device), gamma=d.gamma, beta=d.beta,
+                              training=self.training, momentum=d.momentum, eps=d.eps)
+        s = self.output(h).squeeze(-1) * self.scale  # [B, T]
+        if self.normalization == "softmax":
+            s = s.masked_fill(~mask, float("-inf"))
+            w = torch.softmax(s.masked_fill(~mask.any(1, keepdim=True), 0.0), dim=-1)
+            w = w.masked_fill(~mask, 0.0)
+        else:
+            w = s.masked_fill(~mask, 0.0)
+        out = torch.bmm(w.unsqueeze(1), keys).squeeze(1)
+        if return_weights:
+            return out, (w[mask] if offsets is not None else w)
+        return out
+
+
+def _check_backend(backend: str):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+class _MLP(nn.Module):
+    """Hidden ``nn.Linear`` layers with Dice or PReLU, then a ``[1, H_last]`` output layer."""
+
+    def __init__(self, in_features: int, hidden_units: Sequence[int], activation: str, backend: str):
+        super().__init__()
+        if activation not in ("dice", "prelu", "relu"):
+            raise ValueError(f"mlp_activation must be 'dice', 'prelu' or 'relu', got {activation!r}")
+        dims = [in_features] + list(hidden_units)
+        self.layers = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(len(hidden_units)))
+        if activation == "dice":
+            cls = Dice if backend == "din_ops" else EagerDice
+            self.acts = nn.ModuleList(cls(h) for h in hidden_units)
+        elif activation == "prelu":
+            self.acts = nn.ModuleList(nn.PReLU(h) for h in hidden_units)
+        else:
+            self.acts = nn.ModuleList(nn.ReLU() for _ in hidden_units)
+        self.output = nn.Linear(dims[-1], 1)
+
+    def forward(self, x):
+        for layer, act in zip(self.layers, self.acts):
+            x = act(layer(x))
+        return self.output(x).squeeze(-1)
+
+
+class DIN(nn.Module):
+    """Deep Interest Network (paper section 4, Figure 2, right).
+
+    Args:
+        num_items, num_categories: vocabulary sizes; ids run from 1, and 0 pads histories (the
+            tables have ``num + 1`` rows, row 0 is ``padding_idx``).
+        user_fields: vocabulary size of each categorical user-profile field (user id, gender,
+            age group, ...), ids from 1 as well; one table per field.
+        embed_dim: width of every embedding; the candidate and each behaviour are
+            ``[item, category]`` embeddings of width ``2 * embed_dim``.
+        attention_units, attention_activation, attention_normalization: the local activation
+            unit (:class:`din_ops.nn.AttentionPooling`): hidden sizes, activation after each
+            (``sigmoid`` as in the paper's code, ``dice``, ``prelu``, ``relu``, ``identity``),
+            ``none`` (the paper: no softmax) or ``softmax``.
+        mlp_units, mlp_activation: the top MLP (paper: 200, 80 with PReLU or Dice).
+        pooling: ``attention`` (DIN) or ``sum`` (BaseModel).
+        backend: ``din_ops`` (fused ops) or ``eager`` (plain PyTorch, same parameters).
+        sparse: ``nn.Embedding(sparse=True)``, for :mod:`din_ops.optim` and MBA.
+        init_std: embeddings are drawn from ``N(0, init_std^2)`` (padding row 0).
+
+    ``forward(users, items, categories, hist_items, hist_categories, lengths=None, offsets=None)``:
+    ``users [B, F]`` (one column per user field), ``items [B]``, ``categories [B]``, and the
+    history padded (``[B, T]`` with ``lengths [B]``; padding may hold any id) or jagged (``[N]``
+    with ``offsets [B + 1]``). Returns logits ``[B]``.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        num_categories: int,
+        user_fields: Sequence[int] = (),
+        *,
+        embed_dim: int = 16,
+        attention_units: Sequence[int] = (80, 40),
+        attention_activation: str = "sigmoid",
+        attention_normalization: str = "none",
+        mlp_units: Sequence[int] = (200, 80),
+        mlp_activation: str = "prelu",
+        pooling: str = "attention",
+        backend: str = "din_ops",
+        sparse: bool = True,
+        init_std: float = 0.05,
+    ):
+        super().__init__()
+        _check_backend(backend)
+        if pooling not in ("attention", "sum"):
+            raise ValueError(f"pooling must be 'attention' or 'sum', got {pooling!r}")
+        if attention_activation not in ACTIVATIONS:
+            raise ValueError(f"attention_activation must be one of {ACTIVATIONS}, got {attention_activation!r}")
+        if attention_normalization not in NORMALIZATIONS:
+            raise ValueError(f"attention_normalization must be one of {NORMALIZATIONS}, "
+                             f"got {attention_normalization!r}")
+        self.backend = backend
+        self.pooling = pooling
+        self.embed_dim = embed_dim
+
+        def table(n):
+            emb = nn.Embedding(n + 1, embed_dim, padding_idx=0, sparse=sparse)
+            with torch.no_grad():
+                emb.weight.normal_(0.0, init_std)
+                emb.weight[0].zero_()
+            return emb
+
+        self.user_embeddings = nn.ModuleList(table(n) for n in user_fields)
+        self.item_embedding = table(num_items)
+        self.category_embedding = table(num_categories)
+        d = 2 * embed_dim
+        self.attention = None
+        if pooling == "attention":
+            cls = AttentionPooling if backend == "din_ops" else EagerAttentionPooling
+            self.attention = cls(d, hidden_units=attention_units, activation=attention_activation,
+                                 normalization=attention_normalization)
+        self.mlp = _MLP(embed_dim * len(user_fields) + 2 * d, mlp_units, mlp_activation, backend)
+
+    def tables(self) -> Dict[str, nn.Embedding]:
+        """The embedding tables by name (``user0``, ``user1``, ..., ``item``, ``category``)."""
+        out = {f"user{i}": e for i, e in enumerate(self.user_embeddings)}
+        out["item"] = self.item_embedding
+        out["category"] = self.category_embedding
+        return out
+
+    def frequencies(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> Dict[torch.Tensor, torch.Tensor]:
+        """``{table weight: n}``: occurrences of each id in the batches, for MBA (paper eq. 2.4).
+
+        Each batch is a mapping with ``users``, ``items``, ``categories``, ``hist_items``,
+        ``hist_categories`` and ``lengths`` (padded history) like ``forward``'s arguments.
+        """
+        from .ops.mba import count_frequencies
+
+        counts = {e.weight: torch.zeros(e.num_embeddings, dtype=torch.int64) for e in self.tables().values()}
+        for b in batches:
+            hist_mask = _ref.valid_mask(b["lengths"], *b["hist_items"].shape)
+            streams = [(self.item_embedding, b["items"]), (self.item_embedding, b["hist_items"][hist_mask]),
+                       (self.category_embedding, b["categories"]),
+                       (self.category_embedding, b["hist_categories"][hist_mask])]
+            streams += [(e, b["users"][:, i]) for i, e in enumerate(self.user_embeddings)]
+            for emb, idx in streams:
+                counts[emb.weight] += count_frequencies(idx.reshape(-1).cpu(), emb.num_embeddings, padding_idx=0)
+        return counts
+
+    def _history(self, hist_items, hist_categories):
+        return torch.cat([self.item_embedding(hist_items), self.category_embedding(hist_categories)], dim=-1)
+
+    def forward(self, users, items, categories, hist_items, hist_categories, lengths=None, offsets=None):
+        query = torch.cat([self.item_embedding(items), self.category_embedding(categories)], dim=-1)  # [B, 2E]
+        keys = self._history(hist_items, hist_categories)  # [B, T, 2E] or [N, 2E]
+        if self.attention is not None:
+            interest = self.attention(query, keys, lengths=lengths, offsets=offsets)
+        elif offsets is not None:
+            seg = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=keys.device),
+                                          offsets[1:] - offsets[:-1], output_size=keys.shape[0])
+            interest = keys.new_zeros(query.shape).index_add_(0, seg, keys)
+        else:
+            mask = _ref.valid_mask(lengths, keys.shape[0], keys.shape[1], keys.device)
+            interest = torch.bmm(mask.to(keys.dtype).unsqueeze(1), keys).squeeze(1)
+        parts = [e(users[:, i]) for i, e in enumerate(self.user_embeddings)] + [query, interest]
+        return self.mlp(torch.cat(parts, dim=-1))
+
+    @torch.no_grad()
+    def predict(self, *args, **kwargs) -> torch.Tensor:
+        """Click probabilities ``sigmoid(forward(...))``."""
+        return torch.sigmoid(self(*args, **kwargs))
+
+
+class BaseModel(DIN):
+    """The paper's BaseModel (section 4.1): :class:`DIN` with sum pooling of the behaviours."""
+
+    def __init__(self, num_items: int, num_categories: int, user_fields: Sequence[int] = (), **kwargs):
+        kwargs.pop("pooling", None)
+        for k in ("attention_units", "attention_activation", "attention_normalization"):
+            kwargs.pop(k, None)
+        super().__init__(num_items, num_categories, user_fields, pooling="sum", **kwargs)
+
+
+# --- data-parallel training -----------------------------------------------------------------------
+def _sparse_tables(module: nn.Module):
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Embedding) and m.sparse]
+
+
+def distributed(model: nn.Module, process_group=None, **kwargs):
+    """``DistributedDataParallel(model)`` for a model with ``nn.Embedding(sparse=True)`` tables.
+
+    DDP averages the dense gradients; the sparse tables are left out of it and averaged by
+    :func:`sync_sparse_grads_` (call it after ``backward``, before the optimizer step), which uses
+    dense all-gathers only: DDP's own sparse all-reduce over gloo corrupted the heap now and then
+    in our runs (torch 2.13, CPU; with or without din_ops in the model).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [f"{n}.weight" if n else "weight" for n, _ in _sparse_tables(model)]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return DistributedDataParallel(model, process_group=process_group, **kwargs)
+
+
+@torch.no_grad()
+def sync_sparse_grads_(model: nn.Module, process_group=None) -> None:
+    """Averages the sparse gradients of ``model``'s embedding tables over the processes, in place.
+
+    Each table's gradient rows (indices and values, duplicates summed first) are all-gathered and
+    the result, divided by the world size, becomes the new sparse gradient: what DDP would compute,
+    as a sum of the processes' sparse gradients. A table without gradient counts as empty.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size(process_group)
+    for _, emb in _sparse_tables(model):
+        p = emb.weight
+        if p.grad is not None:
+            g = p.grad.coalesce()
+            idx, val = g.indices()[0], g.values()
+        else:
+            idx = torch.zeros(0, dtype=torch.int64, device=p.device)
+            val = p.new_zeros((0, p.shape[1]))
+        n = torch.tensor([idx.numel()], dtype=torch.int64, device=p.device)
+        counts = [torch.zeros_like(n) for _ in range(world)]
+        dist.all_gather(counts, n, group=process_group)
+        counts = [int(c) for c in counts]
+        m = max(counts)
+        idx_pad = torch.zeros(m, dtype=idx.dtype, device=p.device)
+        idx_pad[:idx.numel()] = idx
+        val_pad = val.new_zeros((m, val.shape[1]))
+        val_pad[:val.shape[0]] = val
+        all_idx = [torch.empty_like(idx_pad) for _ in range(world)]
+        all_val = [torch.empty_like(val_pad) for _ in range(world)]
+        dist.all_gather(all_idx, idx_pad, group=process_group)
+        dist.all_gather(all_val, val_pad, group=process_group)
+        idx = torch.cat([t[:c] for t, c in zip(all_idx, counts)])
+        val = torch.cat([t[:c] for t, c in zip(all_val, counts)]) / world
+        p.grad = torch.sparse_coo_tensor(idx[None], val, p.shape).coalesce()
