@@ -73,6 +73,7 @@ inline T sigmoid(T x) {
 // candidate c, position t is at start[b]*C + c*sC + t*sT of the flat attention tensor.
 struct Rows {
   int64_t B = 0, C = 1, D = 0, P = 0;
+  int64_t T = 0;  // padded length (0 for jagged keys)
   int64_t sC = 1, sT = 1;
   bool jagged = false;
   std::vector<int64_t> start, len;
@@ -94,6 +95,7 @@ Rows describe_rows(const at::Tensor& query, const at::Tensor& keys, const std::o
     TORCH_CHECK(!offsets.has_value(), "attention_pooling: offsets is for jagged keys [N, D]");
     TORCH_CHECK(keys.size(0) == r.B, "attention_pooling: keys must be [B, T, D] with B = query.size(0)");
     const int64_t T = keys.size(1);
+    r.T = T;
     r.P = r.B * T;
     r.sC = T;
     r.sT = 1;
@@ -662,7 +664,8 @@ GradTuple attention_pooling_backward_cpu(
     ga = grad_attn->to(acc_s).contiguous();
   }
   at::Tensor gq = at::zeros({r.B * r.C, r.D}, ai.q.options());
-  at::Tensor gk = at::zeros({r.P, r.D}, ai.q.options());
+  // every valid position is written by the pooling pass below, the padding is zeroed there
+  at::Tensor gk = at::empty({r.P, r.D}, ai.q.options());
   at::Tensor ds = at::empty({r.P * r.C}, ai.q.options());
   GradTuple result;
   AT_DISPATCH_FLOATING_TYPES(acc_s, "attention_pooling_backward_cpu", [&] {
@@ -703,13 +706,20 @@ GradTuple attention_pooling_backward_cpu(
               dot_sum += pw[base + t * r.sT] * dw;
               const T wt = pw[base + t * r.sT];
               T* dkt = dk + t * D;
-              for (int64_t d = 0; d < D; ++d) dkt[d] += wt * g[d];
+              if (c == 0) {
+                for (int64_t d = 0; d < D; ++d) dkt[d] = wt * g[d];
+              } else {
+                for (int64_t d = 0; d < D; ++d) dkt[d] += wt * g[d];
+              }
             }
             for (int64_t t = 0; t < n; ++t) {
               T& v = pds[base + t * r.sT];
               v = softmax ? pw[base + t * r.sT] * (v - dot_sum) * sc : v * sc;
             }
           }
+          // key rows not written above: the padding (and everything when C == 0)
+          const int64_t written = r.C > 0 ? n : 0;
+          std::fill(dk + written * D, dk + (r.jagged ? n : r.T) * D, T(0));
         }
         // The MLP, tile by tile.
         T* g = parts[part].data();
