@@ -70,6 +70,11 @@ def _shape(B, T, D=36, hidden=(80, 40), E=1_000_000, dtypes=None):
     return s
 
 
+# The MBA update at the size of a production step: a 1M x 64 table, 200k lookups per batch,
+# uniform ids and Zipf(1.05) ids (a few hot items occur thousands of times).
+MBA_STEP = [(f"mba-{dist}", dict(B=2048, T=100, D=64, hidden=(80, 40), E=1_000_000, M=200_000, dist=dist,
+                                 ops=("mba_update",))) for dist in ("uniform", "zipf")]
+
 SWEEP_BT = 25600  # the default preset's T sweep holds B * T here (1/8 of the headline's)
 
 
@@ -79,10 +84,10 @@ PRESETS: Dict[str, Preset] = {
         skip_providers=("compile",), budget_s=0.02, min_reps=3, max_reps=10, calibration_scale=1 / 32,
         doc="seconds; no torch.compile (its first compilation alone takes 10+ s on a CPU): the CI smoke run"),
     "quick": Preset(
-        shapes=[("headline", _shape(**HEADLINE))],
+        shapes=[("headline", _shape(**HEADLINE))] + MBA_STEP,
         doc="the headline shape only (B=2048, T=100, D=36, hidden 80x40)"),
     "default": Preset(
-        shapes=[("headline", _shape(**HEADLINE))] + [("T", _shape(SWEEP_BT // T, T)) for T in T_VALUES],
+        shapes=[("headline", _shape(**HEADLINE))] + MBA_STEP + [("T", _shape(SWEEP_BT // T, T)) for T in T_VALUES],
         budget_s=0.4, min_reps=3, max_reps=30, memory_tags=("headline",),
         doc=f"the headline shape (B=2048, T=100), then a T sweep 10..1000 at B*T = {SWEEP_BT} (peak "
             "memory at the headline shape only); about 2 minutes on 2 idle CPU cores"),
@@ -245,6 +250,8 @@ class Runner:
         for tag, shape in self.preset.shapes:
             for dt in [d for d in dtypes if d in shape.get("dtypes", dtypes)]:
                 for op in self.ops:
+                    if op not in shape.get("ops", (op,)):
+                        continue
                     bench = BENCHES[op]
                     key = (op, dt, bench.case_key(shape))
                     if key in seen:
@@ -487,6 +494,21 @@ class Runner:
                     b = self._find(op, base, mode, **shape)
                     if b is not None:
                         parts.append(f"{b.ms / d.ms:5.1f}x vs {base}")
+                lim = self.derived(d)
+                parts.append(f"{lim['pct_limit']:.0f}% of the {lim['limit']} limit")
+                lines.append(", ".join(parts))
+        for tag, _ in MBA_STEP:
+            for mode in BENCHES["mba_update"].modes:
+                rows = {r.provider: r for r in self.rows
+                        if r.op == "mba_update" and r.sweep == tag and r.mode == mode and r.ms is not None}
+                d = rows.get("din_ops")
+                if d is None:
+                    continue
+                found = True
+                parts = [f"mba_update {mode} ({d.shape_str}): din_ops {d.ms:8.3f} ms"]
+                for base in ("eager", "eager_sparse", "compile"):
+                    if base in rows:
+                        parts.append(f"{rows[base].ms / d.ms:5.1f}x vs {base}")
                 lim = self.derived(d)
                 parts.append(f"{lim['pct_limit']:.0f}% of the {lim['limit']} limit")
                 lines.append(", ".join(parts))
