@@ -1,7 +1,9 @@
 """Installs the libraries the compat tests compare against, at pinned versions, when missing.
 
-``pip install --no-deps`` of each library and of only the modules it imports at import time
-(never anything that would bring another torch). Only the package registry is contacted.
+DeepCTR-Torch and torch-rechub install with their own (small) dependencies; their ``torch``
+requirement is already met, so no other torch is fetched. RecBole's declared dependencies
+include ray and plotly, so it installs with ``--no-deps`` plus only the modules
+``recbole.model.layers`` imports. Only the package registry is contacted.
 """
 from __future__ import annotations
 
@@ -9,16 +11,16 @@ import importlib
 import subprocess
 import sys
 
-_SKLEARN = ["scikit-learn==1.7.2", "joblib==1.6.0", "threadpoolctl==3.8.0"]
-_PANDAS = ["pandas==2.3.3", "pytz==2026.4", "tzdata==2026.4", "python-dateutil==2.9.0.post0", "six==1.17.0"]
+# library -> pip install commands (argument lists); the first package is the library itself
 PINS = {
-    # deepctr_torch/__init__ imports its models (sklearn.metrics) and checks PyPI for a newer version
-    "deepctr_torch": ["deepctr-torch==0.3.0", "tqdm==4.67.1", "requests==2.34.2", *_SKLEARN],
-    # torch_rechub/__init__ imports its trainers and utils (pandas, sklearn, tqdm)
-    "torch_rechub": ["torch-rechub==0.9.0", "tqdm==4.67.1", *_SKLEARN, *_PANDAS],
-    # recbole.model.layers imports recbole.utils (logging colours, pandas, torch.utils.tensorboard)
-    "recbole": ["recbole==1.2.1", "colorlog==6.12.0", "texttable==1.7.2", "tensorboard==2.21.0", "protobuf==7.36.2",
-                "absl-py==2.5.1", "tqdm==4.67.1", *_PANDAS],
+    # deepctr_torch/__init__ asks PyPI for a newer version with requests
+    "deepctr_torch": [["deepctr-torch==0.3.0", "requests==2.34.2"]],
+    "torch_rechub": [["torch-rechub==0.9.0"]],
+    # recbole.model.layers imports recbole.utils: logging colours, yaml, pandas, scipy,
+    # scikit-learn and torch.utils.tensorboard
+    "recbole": [["--no-deps", "recbole==1.2.1"],
+                ["colorlog==4.7.2", "colorama==0.4.4", "texttable==1.7.0", "tensorboard==2.21.0",
+                 "pyyaml==6.0.3", "pandas==2.3.3", "scipy==1.17.1", "scikit-learn==1.7.2", "tqdm==4.67.1"]],
 }
 
 
@@ -26,13 +28,14 @@ def require(library: str, module: str):
     """Imports ``module`` of ``library``, installing the pinned library (and its imports) first if needed."""
     from importlib.metadata import PackageNotFoundError, version
 
-    name, pinned = PINS[library][0].split("==")
+    name, pinned = next(a for a in PINS[library][0] if "==" in a).split("==")
     try:
         if version(name) == pinned:
             return importlib.import_module(module)
     except (PackageNotFoundError, ImportError):
         pass
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--disable-pip-version-check",
-                    *PINS[library]], check=True)
+    for args in PINS[library]:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", *args],
+                       check=True)
     importlib.invalidate_caches()
     return importlib.import_module(module)
