@@ -55,7 +55,11 @@ def _load_triton():
 def load_triton_if_usable() -> None:
     """Registers the Triton kernels when they can run: a CUDA device, or the interpreter."""
     if triton_available() and (torch.cuda.is_available() or triton_interpret()):
-        _load_triton()
+        try:
+            _load_triton()
+        except Exception as e:  # keep the CPU path importable whatever the Triton version does
+            warnings.warn(f"din_ops: the Triton kernels could not be loaded ({type(e).__name__}: {e}); "
+                          "CUDA tensors have no din_ops kernel")
 
 
 def set_backend(name: str) -> None:
