@@ -488,3 +488,24 @@ def test_blas_fallback_matches(tmp_path):
         results.append(torch.load(path))
     for a, c in zip(*results):
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_compile_inductor():
+    """The default backend (Inductor) compiles the module around the op, forward and backward."""
+    torch.manual_seed(0)
+    mod = din_ops.nn.AttentionPooling(6, (8, 4), activation="dice", normalization="softmax")
+    eager_mod = __import__("copy").deepcopy(mod)
+    q = torch.randn(5, 6, requires_grad=True)
+    k = torch.randn(5, 7, 6, requires_grad=True)
+    lengths = torch.tensor([7, 0, 3, 1, 5])
+    out = torch.compile(mod, fullgraph=True)(q, k, lengths=lengths)
+    out.square().sum().backward()
+    grads = [q.grad.clone(), k.grad.clone()] + [p.grad.clone() for p in mod.parameters()]
+    q.grad = k.grad = None
+    ref = eager_mod(q, k, lengths=lengths)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, [q.grad, k.grad] + [p.grad for p in eager_mod.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(mod.buffers(), eager_mod.buffers()):
+        torch.testing.assert_close(a, b)
