@@ -172,3 +172,54 @@ def update_running_stats(running_mean, running_var, mean, var, n, momentum):
         new_var = running_var + momentum * (unbiased.to(running_var.dtype) - running_var)
         running_mean.copy_(torch.where(n > 0, new_mean, running_mean))
         running_var.copy_(torch.where(n > 0, new_var, running_var))
+
+
+# --- autocast --------------------------------------------------------------------------------
+# The attention unit is matmul-like: under autocast it runs in the autocast dtype (fp32
+# accumulation inside the kernels), as torch.nn.Linear does; float64 is left alone, as autocast
+# does. Dice follows BatchNorm: it runs in the dtype of its input x, its parameters cast to it.
+# MBA ops are not cast. Dice statistics (norm_mean / norm_var) always stay in float32.
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The active autocast dtype for ``device_type``, or None when autocast is off there."""
+    if device_type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_to(value, dtype: Optional[torch.dtype]):
+    """Casts a tensor (or each tensor of a list) to ``dtype`` the way autocast does: floating,
+    not float64, not already ``dtype``; anything else is returned as it is."""
+    if dtype is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(autocast_to(v, dtype) for v in value)
+    if (isinstance(value, torch.Tensor) and value.is_floating_point()
+            and value.dtype not in (torch.float64, dtype)):
+        return value.to(dtype)
+    return value
+
+
+def register_autocast(name: str, cast_args: Callable) -> None:
+    """Registers ``din_ops::<name>``'s autocast kernel on CPU and CUDA.
+
+    ``cast_args(args, device_type)`` returns the arguments cast as the op's policy says; the op
+    then runs with autocast disabled for that device (its casts are recorded by autograd, so
+    gradients reach the original parameters in their own dtype).
+    """
+    for device_type in AUTOCAST_DEVICES:
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+        op = getattr(getattr(torch.ops, NAMESPACE), name).default
+
+        def kernel(*args, _op=op, _device=device_type, _excluded=excluded):
+            args = cast_args(args, _device)  # before the guard: it turns autocast off
+            with torch._C._ExcludeDispatchKeyGuard(_excluded):
+                return _op(*args)
+
+        _autocast_lib.impl(name, kernel, key)
+
+
+_autocast_lib = torch.library.Library(NAMESPACE, "IMPL")

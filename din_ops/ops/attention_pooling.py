@@ -279,7 +279,18 @@ def attention_pooling(
     Returns ``out`` shaped like ``query`` (and the weights). A row with no valid position gets
     zero weights and a zero output. Dtypes: fp32/fp64/fp16/bf16, all tensors alike; fp16/bf16
     accumulate in fp32.
+
+    Under ``torch.autocast`` (CPU or CUDA) the unit is treated like ``nn.Linear``: query, keys
+    and every parameter are cast to the autocast dtype (float64 stays float64), the op runs and
+    returns that dtype and accumulates in float32; Dice running statistics stay float32.
+    Gradients reach the parameters in their own dtype.
     """
+    cast = lib.autocast_dtype(query.device.type) if isinstance(query, torch.Tensor) else None
+    if cast is not None:  # autocast: the unit runs in the autocast dtype (SPEC, policies)
+        query, keys, weights, biases = (lib.autocast_to(t, cast) for t in (query, keys, list(weights), list(biases)))
+        prelu_weights, dice_alpha, dice_gamma, dice_beta = (
+            None if t is None else lib.autocast_to(list(t), cast)
+            for t in (prelu_weights, dice_alpha, dice_gamma, dice_beta))
     weights, biases = list(weights), list(biases)
     n_hidden = len(weights) - 1
     act_weights: List[torch.Tensor] = []
@@ -328,3 +339,14 @@ def attention_pooling(
         query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var, norm_weight,
         norm_bias, activation, normalization, float(scale), float(eps))
     return (out, attn) if return_weights else out
+
+
+# --- autocast --------------------------------------------------------------------------------
+def _autocast_unit_args(args, device_type):
+    """Every floating input in the autocast dtype except the Dice statistics (float32)."""
+    dtype = lib.autocast_dtype(device_type)
+    return tuple(a if i in (7, 8) else lib.autocast_to(a, dtype) for i, a in enumerate(args))
+
+
+lib.register_autocast("attention_pooling", _autocast_unit_args)
+lib.register_autocast("attention_pooling_stats", _autocast_unit_args)

@@ -94,6 +94,23 @@ def _backward_dice(ctx, grad_y, grad_mean, grad_var):
 torch.library.register_autograd("din_ops::dice", _backward_dice, setup_context=_setup_dice)
 
 
+# --- autocast --------------------------------------------------------------------------------
+def _to_like(t, x):
+    if isinstance(t, torch.Tensor) and isinstance(x, torch.Tensor) and t.is_floating_point() \
+            and x.is_floating_point() and t.dtype != x.dtype:
+        return t.to(x.dtype)
+    return t
+
+
+def _autocast_dice_args(args, device_type):
+    """alpha, gamma and beta in x's dtype; x and the running statistics as they are."""
+    x = args[0]
+    return (x, args[1], *(_to_like(t, x) for t in args[2:5]), *args[5:])
+
+
+lib.register_autocast("dice", _autocast_dice_args)
+
+
 # --- public function ---------------------------------------------------------------------------
 def _valid_count(x, lengths, dtype):
     """Number of valid rows as a 0-d tensor on x's device (no host synchronization)."""
@@ -153,10 +170,16 @@ def dice(
           one sample is taken as 0, not NaN).
         * Statistics and the transform accumulate in float32 (float64 for float64 x); ``y`` is
           rounded to x's dtype once.
+        * Under ``torch.autocast`` Dice follows ``BatchNorm1d``: it runs in x's dtype (bf16 when
+          the layer before it ran in bf16), with ``alpha``/``gamma``/``beta`` cast to it and the
+          statistics in float32; x itself is not cast.
         * The valid-row count for the running update is computed on the device (no host
           synchronization); the value checks of ``lengths``/``offsets`` read them on the host,
           except under ``torch.compile``, where they are skipped.
     """
+    cast = lib.autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
+    if cast is not None:  # autocast: like BatchNorm, Dice runs in x's dtype (SPEC, policies)
+        alpha, gamma, beta = (_to_like(t, x) for t in (alpha, gamma, beta))
     if not isinstance(momentum, (int, float)) or not (0.0 <= momentum <= 1.0):
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
     if offsets is not None:
