@@ -7,7 +7,9 @@
 
 Each ``convert(model, ...)`` keeps the model's parameters, buffers and ``state_dict`` keys: the
 converted modules become subclasses of their original classes whose ``forward`` calls the fused
-ops. Where a library's semantics differ from the paper's, the default reproduces the library and
-an option gives the corrected behaviour; docs/compat.md lists every difference. The submodules
-import their library only when ``convert`` is called.
+ops; a converted model still pickles (``torch.save``, ``copy.deepcopy``) and loads in any
+process with din_ops and the library installed. Where a library's semantics differ from the
+paper's, the default reproduces the library and an option gives the corrected behaviour;
+docs/compat.md lists every difference. The submodules import their library only when ``convert``
+is called.
 """

@@ -21,16 +21,41 @@ def swap_class(module: nn.Module, mixin: type) -> nn.Module:
     """Make ``module`` an instance of ``mixin`` + its own class, in place.
 
     Parameters, buffers, hooks and ``state_dict`` keys stay as they are (nothing is copied), and
-    ``isinstance(module, OriginalClass)`` still holds.
+    ``isinstance(module, OriginalClass)`` still holds. The module pickles (``torch.save``,
+    ``copy.deepcopy``) by the names of ``mixin`` and its original class, so it loads in any
+    process that can import both.
     """
-    cls = type(module)
     if isinstance(module, mixin):
         return module
+    module.__class__ = _swapped_class(mixin, type(module))
+    return module
+
+
+def _swapped_class(mixin: type, cls: type) -> type:
     key = (mixin, cls)
     if key not in _SWAPPED:
-        _SWAPPED[key] = type(f"DinOps{cls.__name__}", (mixin, cls), {"__module__": mixin.__module__})
-    module.__class__ = _SWAPPED[key]
-    return module
+        # what the class joins, the original class last (it may itself be a swapped class)
+        parts = (mixin,) + cls.__dict__.get("_din_ops_parts", (cls,))
+        _SWAPPED[key] = type(f"DinOps{cls.__name__}", (mixin, cls), {
+            "__module__": mixin.__module__, "_din_ops_parts": parts, "__reduce_ex__": _reduce_ex})
+    return _SWAPPED[key]
+
+
+def _reduce_ex(self, protocol):
+    # the class is made at run time, so pickle cannot find it by name: rebuild it from its parts,
+    # which any process can import (torch.save, pickle, copy.deepcopy all come here)
+    parts = type(self).__dict__.get("_din_ops_parts")
+    if parts is None:  # a subclass with a name of its own
+        return object.__reduce_ex__(self, protocol)
+    return _rebuild, parts, self.__getstate__()
+
+
+def _rebuild(*parts: type) -> nn.Module:
+    """An empty instance of the swapped class made of ``parts``; unpickling then sets its state."""
+    cls = parts[-1]
+    for mixin in reversed(parts[:-1]):
+        cls = _swapped_class(mixin, cls)
+    return cls.__new__(cls)
 
 
 def handle(strict: bool, err: Exception, where: str) -> None:
