@@ -112,6 +112,8 @@ def _checking_values() -> bool:
 def check_tensor(t, name: str, *, dims=None, dtype=None, device=None, floating=False):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if dims is not None and t.dim() not in ((dims,) if isinstance(dims, int) else dims):
         raise ValueError(f"{name} must have {dims} dimension(s), got shape {tuple(t.shape)}")
     if floating and t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -223,3 +225,64 @@ def register_autocast(name: str, cast_args: Callable) -> None:
 
 
 _autocast_lib = torch.library.Library(NAMESPACE, "IMPL")
+
+
+# --- second-order gradients ------------------------------------------------------------------
+# The fused backward kernels are not differentiable themselves. A backward that runs with
+# create_graph=True instead differentiates the op's reference computation (plain torch ops), so
+# its gradients carry a graph and every higher derivative is exact.
+def vjp_with_graph(fn: Callable, inputs, grad_outputs):
+    """``sum_i <grad_outputs[i], fn(*inputs)[i]>`` differentiated w.r.t. every tensor of ``inputs``
+    that requires grad, with ``create_graph=True``.
+
+    ``inputs`` holds tensors, lists of tensors and other values; the result has the same
+    structure (lists for lists), None where no gradient flows. ``None`` grad_outputs are skipped.
+    """
+    def alias(x):
+        if isinstance(x, (list, tuple)):
+            return [alias(t) for t in x]
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            return x.view_as(x)  # one node per argument: a tensor passed twice gets each partial
+        return x
+
+    def wanted(x):
+        return isinstance(x, torch.Tensor) and x.requires_grad
+
+    args = [alias(x) for x in inputs]
+    flat = [t for x in args for t in (x if isinstance(x, list) else [x]) if wanted(t)]
+    device = next(t for x in inputs for t in (x if isinstance(x, (list, tuple)) else [x])
+                  if isinstance(t, torch.Tensor)).device.type
+    # the saved inputs already carry the autocast casts; recompute at the op's own precision
+    autocast_off = (torch.autocast(device, enabled=False) if device in AUTOCAST_DEVICES
+                    else contextlib.nullcontext())
+    with torch.enable_grad(), autocast_off:
+        outputs = fn(*args)
+        pairs = [(o, g.to(o.dtype)) for o, g in zip(outputs, grad_outputs)
+                 if g is not None and o.requires_grad]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], flat, [g for _, g in pairs],
+                                         create_graph=True, allow_unused=True)
+                     if flat and pairs else [None] * len(flat))
+
+    def back(x):
+        if isinstance(x, list):
+            return [back(t) for t in x]
+        return next(grads) if wanted(x) else None
+
+    return [back(x) for x in args]
+
+
+def below_autograd():
+    """Calls a fused backward without its autograd kernel: the plain backward runs with grad
+    mode off, where that kernel would only add Python overhead."""
+    return torch._C._AutoDispatchBelowAutograd()
+
+
+def register_not_differentiable(name: str) -> None:
+    """Differentiating through ``din_ops::<name>`` (a fused backward) raises instead of yielding
+    zeros; the forward op's own backward never records it."""
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"din_ops::{name} is not differentiable; differentiate the forward op with "
+            f"create_graph=True instead (its backward then builds an exact graph)")
+
+    torch.library.register_autograd(f"{NAMESPACE}::{name}", backward)

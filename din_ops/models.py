@@ -24,9 +24,12 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, Mapping, Optional, Sequence
 
+import numbers
+
 import torch
 from torch import nn
 
+from . import _library as lib
 from . import reference as _ref
 from .nn import AttentionPooling, Dice
 from .ops.attention_pooling import ACTIVATIONS, NORMALIZATIONS
@@ -90,6 +93,89 @@ class EagerAttentionPooling(AttentionPooling):
         if return_weights:
             return out, (w[mask] if offsets is not None else w)
         return out
+
+
+def _check_count(v, name: str, minimum: int = 1):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+
+
+def _check_counts(values, name: str):
+    if isinstance(values, (str, bytes, torch.Tensor)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(values).__name__}")
+    for i, v in enumerate(values):
+        _check_count(v, f"{name}[{i}]")
+
+
+def check_din_config(num_items, num_categories, user_fields, embed_dim, attention_units, mlp_units, init_std):
+    """Constructor arguments of :class:`DIN` (the activations and backend are checked by name)."""
+    _check_count(num_items, "num_items")
+    _check_count(num_categories, "num_categories")
+    _check_counts(user_fields, "user_fields")
+    _check_count(embed_dim, "embed_dim")
+    _check_counts(attention_units, "attention_units")
+    _check_counts(mlp_units, "mlp_units")
+    if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real) or not 0 <= init_std < float("inf"):
+        raise ValueError(f"init_std must be a finite number >= 0, got {init_std!r}")
+
+
+def _check_ids(t, name: str, dims: int, device):
+    lib.check_tensor(t, name, dims=dims, device=device)
+    if t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int64 (or int32) ids, got {t.dtype}")
+
+
+def check_din_inputs(model, users, items, categories, hist_items, hist_categories, lengths, offsets):
+    """``DIN.forward``'s inputs: ids in range of their tables, shapes, devices, rows."""
+    device = model.item_embedding.weight.device
+    _check_ids(items, "items", 1, device)
+    B = items.shape[0]
+    _check_ids(categories, "categories", 1, device)
+    if categories.shape != items.shape:
+        raise ValueError(f"categories must have shape [B] = [{B}] like items, got {tuple(categories.shape)}")
+    F = len(model.user_embeddings)
+    if F:
+        _check_ids(users, "users", 2, device)
+        if tuple(users.shape) != (B, F):
+            raise ValueError(f"users must have shape [B, F] = [{B}, {F}] (one column per user field), "
+                             f"got {tuple(users.shape)}")
+    jagged = offsets is not None
+    if isinstance(hist_items, torch.Tensor) and hist_items.dim() != (1 if jagged else 2):
+        raise ValueError("offsets is for a jagged history hist_items [N]; a padded one [B, T] takes lengths"
+                         if jagged else "a jagged history hist_items [N] needs offsets [B + 1]; a padded one "
+                         f"is [B, T], got shape {tuple(hist_items.shape)}")
+    _check_ids(hist_items, "hist_items", 1 if jagged else 2, device)
+    _check_ids(hist_categories, "hist_categories", 1 if jagged else 2, device)
+    if hist_categories.shape != hist_items.shape:
+        raise ValueError(f"hist_categories must have the shape of hist_items {tuple(hist_items.shape)}, "
+                         f"got {tuple(hist_categories.shape)}")
+    if jagged:
+        if lengths is not None:
+            raise ValueError("lengths is for a padded history [B, T]; a jagged history [N] takes offsets")
+        lib.check_offsets(offsets, B, hist_items.shape[0], device)
+    else:
+        if hist_items.shape[0] != B:
+            raise ValueError(f"hist_items must have shape [B, T] with B = {B} (the batch of items), "
+                             f"got {tuple(hist_items.shape)}")
+        if lengths is not None:
+            lib.check_lengths(lengths, B, hist_items.shape[1], device)
+    if not lib._checking_values():
+        return
+    named = [("items", items, model.item_embedding), ("categories", categories, model.category_embedding),
+             ("hist_items", hist_items, model.item_embedding),
+             ("hist_categories", hist_categories, model.category_embedding)]
+    named += [(f"users[:, {i}]", users[:, i], e) for i, e in enumerate(model.user_embeddings)]
+    named = [x for x in named if x[1].numel() > 0]
+    if not named:
+        return
+    # one host synchronization for every range
+    bounds = torch.stack([torch.stack([t.min(), t.max()]).to(torch.int64) for _, t, _ in named]).tolist()
+    for (name, _, emb), (lo, hi) in zip(named, bounds):
+        if lo < 0 or hi >= emb.num_embeddings:
+            raise ValueError(f"{name} must lie in [0, {emb.num_embeddings}) (ids of its table, 0 pads), "
+                             f"got values in [{lo}, {hi}]")
 
 
 def _check_backend(backend: str):
@@ -166,6 +252,7 @@ class DIN(nn.Module):
     ):
         super().__init__()
         _check_backend(backend)
+        check_din_config(num_items, num_categories, user_fields, embed_dim, attention_units, mlp_units, init_std)
         if pooling not in ("attention", "sum"):
             raise ValueError(f"pooling must be 'attention' or 'sum', got {pooling!r}")
         if attention_activation not in ACTIVATIONS:
@@ -225,6 +312,7 @@ class DIN(nn.Module):
         return torch.cat([self.item_embedding(hist_items), self.category_embedding(hist_categories)], dim=-1)
 
     def forward(self, users, items, categories, hist_items, hist_categories, lengths=None, offsets=None):
+        check_din_inputs(self, users, items, categories, hist_items, hist_categories, lengths, offsets)
         query = torch.cat([self.item_embedding(items), self.category_embedding(categories)], dim=-1)  # [B, 2E]
         keys = self._history(hist_items, hist_categories)  # [B, T, 2E] or [N, 2E]
         if self.attention is not None:

@@ -6,8 +6,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .ops.attention_pooling import ACTIVATIONS, attention_pooling
-from .ops.dice import dice
+from .ops.attention_pooling import attention_pooling, check_attention_pooling_config
+from .ops.dice import check_dice_config, dice
 
 __all__ = ["AttentionPooling", "Dice"]
 
@@ -40,8 +40,8 @@ class AttentionPooling(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        check_attention_pooling_config(embed_dim, hidden_units, activation, normalization, scale, dice_eps,
+                                       dice_momentum)
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.activation = activation
@@ -108,6 +108,7 @@ class Dice(nn.Module):
     def __init__(self, num_features: int, affine: bool = False, eps: float = 1e-8, momentum: float = 0.1,
                  device=None, dtype=None):
         super().__init__()
+        check_dice_config(num_features, eps, momentum)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.affine = affine

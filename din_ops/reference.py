@@ -16,6 +16,7 @@ __all__ = [
     "padded_to_jagged",
     "valid_mask",
     "attention_pooling",
+    "attention_pooling_stats",
     "dice",
     "dice_pointwise",
     "masked_moments",
@@ -148,6 +149,23 @@ def _activate(h, name, i, prelu_weights, dice_state):
     raise ValueError(f"unknown activation {name!r}")
 
 
+def _unit_input(query, keys, lengths, offsets):
+    """The attention MLP's input ``[B, C, T, 4D]`` with the padded keys and the valid masks."""
+    if offsets is not None:
+        kp, lengths = jagged_to_padded(keys, offsets)
+    else:
+        kp = keys
+    q = query.unsqueeze(1) if query.dim() == 2 else query  # [B, C, D]
+    B, C, D = q.shape
+    T = kp.shape[1]
+    mask = valid_mask(lengths, B, T, keys.device)  # [B, T]
+    # [B, C, T, 4D]: the concatenation the fused kernels never build
+    qe = q.unsqueeze(2).expand(B, C, T, D)
+    ke = kp.unsqueeze(1).expand(B, C, T, D)
+    h = torch.cat([qe, ke, qe - ke, qe * ke], dim=-1)
+    return h, kp, mask, mask.unsqueeze(1).expand(B, C, T)
+
+
 def attention_pooling(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -178,20 +196,8 @@ def attention_pooling(
     with ``return_weights`` the attention weights (``[B, T]``/``[N]``, or ``[B, C, T]``/``[N, C]``).
     """
     jagged = offsets is not None
-    if jagged:
-        kp, lens = jagged_to_padded(keys, offsets)
-    else:
-        kp, lens = keys, lengths
     single = query.dim() == 2
-    q = query.unsqueeze(1) if single else query  # [B, C, D]
-    B, C, D = q.shape
-    T = kp.shape[1]
-    mask = valid_mask(lens, B, T, keys.device)  # [B, T]
-    # [B, C, T, 4D]: the concatenation the fused kernels never build
-    qe = q.unsqueeze(2).expand(B, C, T, D)
-    ke = kp.unsqueeze(1).expand(B, C, T, D)
-    h = torch.cat([qe, ke, qe - ke, qe * ke], dim=-1)
-    mask_bct = mask.unsqueeze(1).expand(B, C, T)
+    h, kp, mask, mask_bct = _unit_input(query, keys, lengths, offsets)
 
     def dice_state(i):
         return (
@@ -228,6 +234,53 @@ def attention_pooling(
     if jagged:
         w = w[mask] if single else w.transpose(1, 2)[mask]  # [N] or [N, C]
     return out, w
+
+
+def attention_pooling_stats(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    *,
+    lengths: Optional[torch.Tensor] = None,
+    offsets: Optional[torch.Tensor] = None,
+    activation: str = "dice",
+    prelu_weights: Optional[Sequence[torch.Tensor]] = None,
+    dice_alpha: Optional[Sequence[torch.Tensor]] = None,
+    dice_mean: Optional[Sequence[torch.Tensor]] = None,
+    dice_var: Optional[Sequence[torch.Tensor]] = None,
+    dice_gamma: Optional[Sequence[torch.Tensor]] = None,
+    dice_beta: Optional[Sequence[torch.Tensor]] = None,
+    eps: float = 1e-8,
+):
+    """The batch statistics Dice takes in training for hidden layer ``L = len(weights) - 1``.
+
+    ``weights``/``biases`` hold hidden layers ``0..L`` (no output layer). Returns the mean and the
+    biased variance of layer L's pre-activation over the valid positions (and candidates); the
+    layers below apply their activation with the given statistics ``dice_mean``/``dice_var``.
+    Chaining it layer by layer gives the statistics of ``attention_pooling`` in training.
+    """
+    h, _, _, mask_bct = _unit_input(query, keys, lengths, offsets)
+
+    def dice_state(i):
+        return (
+            dice_alpha[i],
+            dice_mean[i],
+            dice_var[i],
+            dice_gamma[i] if dice_gamma is not None else None,
+            dice_beta[i] if dice_beta is not None else None,
+            mask_bct,
+            False,  # the statistics of layers below L are given
+            0.0,
+            eps,
+        )
+
+    L = len(weights) - 1
+    for i in range(L):
+        h = F.linear(h, weights[i], biases[i])
+        h = _activate(h, activation, i, prelu_weights, dice_state)
+    mean, var, _ = masked_moments(F.linear(h, weights[L], biases[L]), mask_bct)
+    return mean, var
 
 
 # --- 3. mini-batch aware regularization ---------------------------------------------------------

@@ -13,11 +13,15 @@ and its own backward carries the gradient through the statistics, so the composi
 """
 from __future__ import annotations
 
+import functools
+import math
+import numbers
 from typing import List, Optional, Sequence
 
 import torch
 
 from .. import _library as lib
+from .. import reference
 
 ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice", "identity")
 NORMALIZATIONS = ("none", "softmax")
@@ -26,6 +30,104 @@ _ops = torch.ops.din_ops
 
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_ALPHA_ARG = {"prelu": "prelu_weights", "dice": "dice_alpha"}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_tensor_list(value, name: str, optional: bool = True):
+    """``value`` is a list/tuple (or another sequence) of tensors; other iterables are left to
+    the caller's ``list()``."""
+    if value is None and optional:
+        return
+    if isinstance(value, (torch.Tensor, str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"{name} must be a list of tensors, got {type(value).__name__}")
+    if isinstance(value, (list, tuple)) or (hasattr(value, "__len__") and hasattr(value, "__getitem__")):
+        for i, t in enumerate(value):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_attention_pooling_options(query, weights, biases, activation, normalization, scale, prelu_weights,
+                                    dice_alpha, dice_running_mean, dice_running_var, dice_gamma, dice_beta,
+                                    momentum, eps):
+    """Checks of the public function's own arguments (types, options, the Dice running statistics)
+    before anything is computed from them; shapes of the op's inputs are
+    :func:`check_attention_pooling_args`'s."""
+    lib.check_tensor(query, "query", dims=(2, 3), floating=True)
+    _check_tensor_list(weights, "weights", optional=False)
+    _check_tensor_list(biases, "biases", optional=False)
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not isinstance(normalization, str) or normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if not _is_number(scale):
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if not _is_number(eps):
+        raise TypeError(f"eps must be a Python float, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a positive finite number, got {eps}")
+    if not _is_number(momentum):
+        raise TypeError(f"momentum must be a Python float, got {type(momentum).__name__}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+    lists = dict(prelu_weights=prelu_weights, dice_alpha=dice_alpha, dice_running_mean=dice_running_mean,
+                 dice_running_var=dice_running_var, dice_gamma=dice_gamma, dice_beta=dice_beta)
+    for name, value in lists.items():
+        if value is None:
+            continue
+        wanted = "prelu" if name == "prelu_weights" else "dice"
+        if activation != wanted:
+            raise ValueError(f"{name} is for activation={wanted!r}, got activation={activation!r}")
+        _check_tensor_list(value, name)
+    if (dice_running_mean is None) != (dice_running_var is None):
+        raise ValueError("dice_running_mean and dice_running_var must be given together (or both left None)")
+    if dice_running_mean is None or not isinstance(weights, (list, tuple)):
+        return
+    hidden = [w.shape[0] if w.dim() == 2 else None for w in weights[:-1]]
+    for name, group in (("dice_running_mean", dice_running_mean), ("dice_running_var", dice_running_var)):
+        group = list(group)
+        if len(group) != len(hidden):
+            raise ValueError(f"{name} must hold one tensor per hidden layer ({len(hidden)}), got {len(group)}")
+        for i, (t, h) in enumerate(zip(group, hidden)):
+            lib.check_tensor(t, f"{name}[{i}]", dims=1, device=query.device, floating=True)
+            if h is not None and t.shape[0] != h:
+                raise ValueError(f"{name}[{i}] must have shape [{h}], got {tuple(t.shape)}")
+
+
+def _check_count(v, name: str, minimum: int = 1):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+
+
+def check_attention_pooling_config(embed_dim, hidden_units, activation, normalization, scale, dice_eps,
+                                   dice_momentum):
+    """Constructor arguments of :class:`din_ops.nn.AttentionPooling`."""
+    _check_count(embed_dim, "embed_dim")
+    if isinstance(hidden_units, (str, bytes, torch.Tensor)) or not hasattr(hidden_units, "__iter__"):
+        raise TypeError(f"hidden_units must be a sequence of ints, got {type(hidden_units).__name__}")
+    for i, h in enumerate(hidden_units):
+        _check_count(h, f"hidden_units[{i}]")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not isinstance(normalization, str) or normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if not _is_number(scale):
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if not _is_number(dice_eps) or not (math.isfinite(dice_eps) and dice_eps > 0):
+        raise ValueError(f"dice_eps must be a positive finite number, got {dice_eps!r}")
+    if not _is_number(dice_momentum) or not 0.0 <= dice_momentum <= 1.0:
+        raise ValueError(f"dice_momentum must be a number in [0, 1], got {dice_momentum!r}")
 
 
 def check_attention_pooling_args(query, keys, lengths, offsets, weights, biases, act_weights,
@@ -95,12 +197,15 @@ def check_attention_pooling_args(query, keys, lengths, offsets, weights, biases,
 
     hidden = [w.shape[0] for w in weights[:n_hidden]]
     if activation in ("prelu", "dice"):
+        arg = _ALPHA_ARG[activation]  # the public function's argument
         if len(act_weights) != n_hidden:
-            raise ValueError(f"{activation} needs one alpha per hidden layer ({n_hidden}), got {len(act_weights)}")
+            raise ValueError(f"{activation} needs one alpha per hidden layer ({n_hidden}) in {arg}, "
+                             f"got {len(act_weights)}")
         for i, a in enumerate(act_weights):
-            lib.check_tensor(a, f"{activation} alpha[{i}]", dims=1, dtype=dtype, device=device)
+            name = f"{activation} alpha[{i}] ({arg}[{i}])"
+            lib.check_tensor(a, name, dims=1, dtype=dtype, device=device)
             if a.shape[0] not in ((1, hidden[i]) if activation == "prelu" else (hidden[i],)):
-                raise ValueError(f"{activation} alpha[{i}] must have shape [{hidden[i]}], got {tuple(a.shape)}")
+                raise ValueError(f"{name} must have shape [{hidden[i]}], got {tuple(a.shape)}")
     elif len(act_weights):
         raise ValueError(f"activation {activation!r} takes no alpha parameters")
     n_norm = len(norm_mean)
@@ -110,12 +215,12 @@ def check_attention_pooling_args(query, keys, lengths, offsets, weights, biases,
             raise ValueError(f"dice needs a mean and a variance per hidden layer ({expected}), "
                              f"got {n_norm} and {len(norm_var)}")
         acc = _acc_dtype(dtype)
-        for name, group in (("dice mean", norm_mean), ("dice var", norm_var)):
+        for name, group in (("dice_running_mean", norm_mean), ("dice_running_var", norm_var)):
             for i, t in enumerate(group):
                 lib.check_tensor(t, f"{name}[{i}]", dims=1, dtype=acc, device=device)
                 if t.shape[0] != hidden[i]:
                     raise ValueError(f"{name}[{i}] must have shape [{hidden[i]}], got {tuple(t.shape)}")
-        for name, group in (("dice gamma", norm_weight), ("dice beta", norm_bias)):
+        for name, group in (("dice_gamma", norm_weight), ("dice_beta", norm_bias)):
             if len(group) not in (0, expected):
                 raise ValueError(f"{name} must be empty or hold one tensor per hidden layer ({expected})")
             for i, t in enumerate(group):
@@ -123,7 +228,8 @@ def check_attention_pooling_args(query, keys, lengths, offsets, weights, biases,
                 if t.shape[0] != hidden[i]:
                     raise ValueError(f"{name}[{i}] must have shape [{hidden[i]}], got {tuple(t.shape)}")
     elif n_norm or len(norm_var) or len(norm_weight) or len(norm_bias):
-        raise ValueError(f"activation {activation!r} takes no dice statistics")
+        raise ValueError(f"activation {activation!r} takes no dice statistics "
+                         "(dice_running_mean, dice_running_var, dice_gamma, dice_beta)")
     return B, C, D, T, jagged
 
 
@@ -184,15 +290,39 @@ def _setup_pooling(ctx, inputs, output):
     ctx.opts = (activation, normalization, scale, eps)
 
 
+def _upcast(ts, dtype):
+    return [t.to(dtype) for t in ts]
+
+
+def _reference_pooling(lengths, offsets, activation, normalization, scale, eps, query, keys, weights,
+                       biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias):
+    """The op's forward as plain torch ops (reference.py) at the kernels' accumulation precision.
+    Dice statistics are inputs of the op: the reference's eval mode with them as running stats."""
+    acc = _acc_dtype(query.dtype)
+    act = _upcast(act_weights, acc)
+    return reference.attention_pooling(
+        query.to(acc), keys.to(acc), _upcast(weights, acc), _upcast(biases, acc), lengths=lengths,
+        offsets=offsets, activation=activation, normalization=normalization, scale=scale,
+        prelu_weights=act, dice_alpha=act, dice_running_mean=_upcast(norm_mean, acc),
+        dice_running_var=_upcast(norm_var, acc), dice_gamma=_upcast(norm_weight, acc) or None,
+        dice_beta=_upcast(norm_bias, acc) or None, training=False, eps=eps, return_weights=True)
+
+
 def _backward_pooling(ctx, grad_out, grad_attn):
     query, keys, attn = ctx.saved_tensors
     lengths, offsets = ctx.rows
     activation, normalization, scale, eps = ctx.opts
+    if torch.is_grad_enabled():  # create_graph=True: gradients with a graph, exact to any order
+        grads = lib.vjp_with_graph(
+            functools.partial(_reference_pooling, lengths, offsets, activation, normalization, scale, eps),
+            (query, keys, *ctx.lists), (grad_out, grad_attn))
+        return (grads[0], grads[1], None, None, *grads[2:], None, None, None, None)
     if grad_out is None:
         grad_out = torch.zeros_like(query)
-    grads = _ops.attention_pooling_backward(
-        grad_out.contiguous(), None if grad_attn is None else grad_attn.contiguous(), attn, query, keys,
-        lengths, offsets, *ctx.lists, activation, normalization, scale, eps)
+    with lib.below_autograd():
+        grads = _ops.attention_pooling_backward(
+            grad_out.contiguous(), None if grad_attn is None else grad_attn.contiguous(), attn, query,
+            keys, lengths, offsets, *ctx.lists, activation, normalization, scale, eps)
     gq, gk = grads[0], grads[1]
     return (gq, gk, None, None, *grads[2:], None, None, None, None)
 
@@ -209,18 +339,36 @@ def _setup_stats(ctx, inputs, output):
     ctx.opts = (activation, eps)
 
 
+def _reference_stats(lengths, offsets, activation, eps, query, keys, weights, biases, act_weights,
+                     norm_mean, norm_var, norm_weight, norm_bias):
+    acc = _acc_dtype(query.dtype)
+    act = _upcast(act_weights, acc)
+    return reference.attention_pooling_stats(
+        query.to(acc), keys.to(acc), _upcast(weights, acc), _upcast(biases, acc), lengths=lengths,
+        offsets=offsets, activation=activation, prelu_weights=act, dice_alpha=act,
+        dice_mean=_upcast(norm_mean, acc), dice_var=_upcast(norm_var, acc),
+        dice_gamma=_upcast(norm_weight, acc) or None, dice_beta=_upcast(norm_bias, acc) or None, eps=eps)
+
+
 def _backward_stats(ctx, grad_mean, grad_var):
     query, keys, mean = ctx.saved_tensors
     lengths, offsets = ctx.rows
     activation, eps = ctx.opts
+    if torch.is_grad_enabled():  # create_graph=True: gradients with a graph, exact to any order
+        grads = lib.vjp_with_graph(functools.partial(_reference_stats, lengths, offsets, activation, eps),
+                                   (query, keys, *ctx.lists), (grad_mean, grad_var))
+        return (grads[0], grads[1], None, None, *grads[2:], None, None)
     grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean.contiguous()
     grad_var = torch.zeros_like(mean) if grad_var is None else grad_var.contiguous()
-    grads = _ops.attention_pooling_stats_backward(
-        grad_mean, grad_var, mean, query, keys, lengths, offsets, *ctx.lists, activation, eps)
+    with lib.below_autograd():
+        grads = _ops.attention_pooling_stats_backward(
+            grad_mean, grad_var, mean, query, keys, lengths, offsets, *ctx.lists, activation, eps)
     return (grads[0], grads[1], None, None, *grads[2:], None, None)
 
 
 torch.library.register_autograd("din_ops::attention_pooling_stats", _backward_stats, setup_context=_setup_stats)
+lib.register_not_differentiable("attention_pooling_backward")
+lib.register_not_differentiable("attention_pooling_stats_backward")
 
 
 # --- public function ---------------------------------------------------------------------------
@@ -284,7 +432,15 @@ def attention_pooling(
     and every parameter are cast to the autocast dtype (float64 stays float64), the op runs and
     returns that dtype and accumulates in float32; Dice running statistics stay float32.
     Gradients reach the parameters in their own dtype.
+
+    Second-order gradients (a backward with ``create_graph=True``) are exact for every input,
+    Dice batch statistics included: that backward differentiates the reference computation
+    (``din_ops.reference``, which materializes the ``[B, C, T, 4D]`` concatenation) instead of
+    running the fused kernel, so it costs more time and memory than the ordinary backward.
     """
+    check_attention_pooling_options(query, weights, biases, activation, normalization, scale, prelu_weights,
+                                    dice_alpha, dice_running_mean, dice_running_var, dice_gamma, dice_beta,
+                                    momentum, eps)
     cast = lib.autocast_dtype(query.device.type) if isinstance(query, torch.Tensor) else None
     if cast is not None:  # autocast: the unit runs in the autocast dtype (SPEC, policies)
         query, keys, weights, biases = (lib.autocast_to(t, cast) for t in (query, keys, list(weights), list(biases)))

@@ -9,18 +9,33 @@ autograd formula and the public function. The ground truth is ``din_ops.referenc
 """
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 from typing import Optional
 
 import torch
 
 from .. import _library as lib
+from .. import reference
 
 _ops = torch.ops.din_ops
 
 
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_dice_config(num_features, eps, momentum):
+    """Constructor arguments of :class:`din_ops.nn.Dice`."""
+    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+        raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
+    if num_features < 1:
+        raise ValueError(f"num_features must be >= 1, got {num_features}")
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
 
 
 def check_dice_args(x, lengths, alpha, gamma, beta, running_mean, running_var, training, eps):
@@ -81,17 +96,33 @@ def _setup_dice(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, var)
 
 
+def _reference_dice(lengths, training, eps, mean, var, x, alpha, gamma, beta):
+    """The op's forward as plain torch ops (reference.py) at the kernels' accumulation precision."""
+    acc = _acc_dtype(x.dtype)
+    up = lambda t: None if t is None else t.to(acc)  # noqa: E731
+    stats = (None, None) if training else (mean, var)  # eval: the running statistics, as the op saw them
+    return (reference.dice(x.to(acc), up(alpha), *stats, lengths=lengths, gamma=up(gamma), beta=up(beta),
+                           training=training, eps=eps),)
+
+
 def _backward_dice(ctx, grad_y, grad_mean, grad_var):
     x, lengths, alpha, gamma, beta, mean, var = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: gradients with a graph, exact to any order
+        dx, dalpha, dgamma, dbeta = lib.vjp_with_graph(
+            functools.partial(_reference_dice, lengths, ctx.training, ctx.eps, mean, var),
+            (x, alpha, gamma, beta), (grad_y,))
+        return dx, None, dalpha, dgamma, dbeta, None, None, None, None
     if grad_y is None:
         grad_y = torch.zeros_like(x)
-    dx, dalpha, dgamma, dbeta = _ops.dice_backward(
-        grad_y.contiguous(), x, lengths, alpha, gamma, beta, mean, var, ctx.training, ctx.eps)
+    with lib.below_autograd():
+        dx, dalpha, dgamma, dbeta = _ops.dice_backward(
+            grad_y.contiguous(), x, lengths, alpha, gamma, beta, mean, var, ctx.training, ctx.eps)
     return (dx, None, dalpha, dgamma if gamma is not None else None,
             dbeta if beta is not None else None, None, None, None, None)
 
 
 torch.library.register_autograd("din_ops::dice", _backward_dice, setup_context=_setup_dice)
+lib.register_not_differentiable("dice_backward")
 
 
 # --- autocast --------------------------------------------------------------------------------
@@ -156,7 +187,9 @@ def dice(
         momentum: running-statistics momentum, in [0, 1].
         eps: added to the variance, > 0 (the paper's 1e-8 by default).
 
-    Returns ``y`` shaped like ``x`` in x's dtype.
+    Returns ``y`` shaped like ``x`` in x's dtype. Second-order gradients (a backward with
+    ``create_graph=True``) are exact, through the batch statistics too: that backward
+    differentiates ``din_ops.reference.dice`` instead of running the fused kernel.
 
     Choices where SPEC is silent:
         * Statistics are taken over the valid rows only; padded positions of ``[B, T, C]`` are

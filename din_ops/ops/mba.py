@@ -21,11 +21,13 @@ the counted data, or online counts not yet updated) is treated as ``n_j = 1``: t
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable, Optional, Union
 
 import torch
 
 from .. import _library as lib
+from .. import reference
 
 OPTIMIZERS = ("sgd", "adagrad", "adagrad_rowwise")
 FREQ_DTYPES = (torch.int32, torch.int64, torch.float32, torch.float64)
@@ -74,6 +76,10 @@ def _check_table_and_batch(weight, indices, freq, padding_idx):
         raise ValueError(f"freq must be int32, int64, float32 or float64, got {freq.dtype}")
     if tuple(freq.shape) != (N,):
         raise ValueError(f"freq must have shape [num_embeddings] = [{N}], got {tuple(freq.shape)}")
+    if freq.is_floating_point() and lib._checking_values() and indices.numel() > 0:
+        # NaN counts would turn the rows they touch into NaN; only the batch's rows are read
+        if bool(freq.index_select(0, indices).isnan().any()):
+            raise ValueError("freq holds NaN at some of the batch's indices")
     _check_padding_idx(padding_idx, N)
     return N, D
 
@@ -141,16 +147,45 @@ def _setup_penalty(ctx, inputs, output):
     ctx.opts = (lam, padding_idx)
 
 
+def _reference_penalty(indices, freq, lam, padding_idx, weight):
+    # float64, like the kernel's accumulation
+    return (reference.mba_penalty(weight.to(torch.float64), indices, freq, lam, padding_idx),)
+
+
 def _backward_penalty(ctx, grad):
     weight, indices, freq = ctx.saved_tensors
     lam, padding_idx = ctx.opts
+    if torch.is_grad_enabled():  # create_graph=True: gradients with a graph, exact to any order
+        grad_weight, = lib.vjp_with_graph(
+            functools.partial(_reference_penalty, indices, freq, lam, padding_idx), (weight,), (grad,))
+        return grad_weight, None, None, None, None
     grad_weight = None
     if ctx.needs_input_grad[0]:
-        grad_weight = _ops.mba_penalty_backward(grad, weight, indices, freq, lam, padding_idx)
+        with lib.below_autograd():
+            grad_weight = _ops.mba_penalty_backward(grad, weight, indices, freq, lam, padding_idx)
     return grad_weight, None, None, None, None
 
 
 torch.library.register_autograd("din_ops::mba_penalty", _backward_penalty, setup_context=_setup_penalty)
+lib.register_not_differentiable("mba_penalty_backward")
+
+
+def _mba_sparse_update_autograd(weight, indices, grad, freq, state, lr, lam, optimizer, padding_idx, eps):
+    """Autograd kernel of the in-place update: an optimizer step, which autograd cannot record."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, grad, state)):
+        raise RuntimeError(
+            "din_ops::mba_sparse_update_ is an in-place optimizer step and is not differentiable: "
+            "call it under torch.no_grad() (din_ops.mba_sparse_update_ does)")
+    with lib.below_autograd():
+        _ops.mba_sparse_update_(weight, indices, grad, freq, state, lr, lam, optimizer, padding_idx, eps)
+    # the write must invalidate tensors autograd saved before it (as torch's in-place ops do)
+    for t in (weight, state):
+        if t is not None and not t.is_inference():
+            torch.autograd.graph.increment_version(t)
+
+
+_autograd_lib = torch.library.Library("din_ops", "IMPL")
+_autograd_lib.impl("mba_sparse_update_", _mba_sparse_update_autograd, "Autograd")
 
 
 # --- public functions --------------------------------------------------------------------------
@@ -197,6 +232,12 @@ def mba_sparse_update_(
         eps: Adagrad's denominator term, ``> 0``.
 
     Computation is in float32 (float64 for fp64 tables). Returns ``weight``.
+
+    The update is an optimizer step that autograd does not record (it runs under
+    ``torch.no_grad()``); it bumps the version of ``weight`` and ``state``, so a graph that saved
+    them before the step raises on backward instead of using the new values. Calling
+    ``torch.ops.din_ops.mba_sparse_update_`` with grad mode on and an input that requires grad
+    raises a RuntimeError.
     """
     check_mba_update_args(weight, indices, grad, freq, state, lr, lam, optimizer, padding_idx, eps)
     with torch.no_grad():
@@ -215,7 +256,8 @@ def mba_penalty(weight: torch.Tensor, indices: torch.Tensor, freq: torch.Tensor,
     the loss gives eq. 2.4 with any optimizer. The gradient is a dense ``[num_embeddings, D]``
     tensor: for large tables prefer :func:`mba_sparse_update_` (or :class:`din_ops.optim.MBASGD`).
 
-    Returns a 0-dim tensor of ``weight``'s dtype (accumulated in float64).
+    Returns a 0-dim tensor of ``weight``'s dtype (accumulated in float64). Second-order
+    gradients (a backward with ``create_graph=True``) are exact.
     """
     check_mba_penalty_args(weight, indices, freq, lam, padding_idx)
     return _ops.mba_penalty(weight, indices, freq, float(lam), padding_idx)
@@ -231,6 +273,47 @@ def _index_tensors(batch, name: str):
     else:
         raise TypeError(f"{name} must be an index tensor or a list/tuple of index tensors, got "
                         f"{type(batch).__name__} (pass key= to pick the indices out of a batch)")
+
+
+_INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def check_frequency_indices(t, num_embeddings: int, name: str = "indices") -> torch.Tensor:
+    """An index tensor to count: integer, holding data, values in range. Returns it flattened."""
+    lib.check_tensor(t, name)
+    if t.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (it holds no values to count)")
+    flat = t.reshape(-1)
+    lib.check_index_range(flat, num_embeddings, name)
+    return flat
+
+
+def check_counter_state(state, num_embeddings: int):
+    """A :meth:`FrequencyCounter.state_dict`: ``counts`` int ``[num_embeddings]`` >= 0, ``total`` int."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict with 'counts' and 'total', got {type(state).__name__}")
+    for key in ("counts", "total"):
+        if key not in state:
+            raise ValueError(f"state has no {key!r} entry")
+    counts, total = state["counts"], state["total"]
+    lib.check_tensor(counts, "counts", dims=1)
+    if counts.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"counts must be an integer tensor, got {counts.dtype}")
+    if tuple(counts.shape) != (num_embeddings,):
+        raise ValueError(f"counts must have shape [{num_embeddings}], got {tuple(counts.shape)}")
+    if counts.device.type == "meta":
+        raise ValueError("counts is on the meta device (it holds no values)")
+    if counts.numel() and int(counts.min()) < 0:
+        raise ValueError("counts must be non-negative")
+    if isinstance(total, torch.Tensor) and total.numel() == 1 and not total.is_floating_point():
+        total = int(total)
+    if isinstance(total, bool) or not isinstance(total, int):
+        raise TypeError(f"total must be an int, got {type(total).__name__}")
+    if total < 0:
+        raise ValueError(f"total must be non-negative, got {total}")
+    return counts, total
 
 
 class FrequencyCounter:
@@ -251,12 +334,11 @@ class FrequencyCounter:
         self.total = 0  # occurrences counted (padding excluded)
 
     def update(self, indices) -> "FrequencyCounter":
-        """Adds the occurrences in ``indices`` (a tensor or a list/tuple of tensors)."""
-        for t in _index_tensors(indices, "indices"):
-            if t.dtype not in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
-                raise ValueError(f"indices must be an integer tensor, got {t.dtype}")
-            flat = t.reshape(-1).to(device=self.counts.device, dtype=torch.int64)
-            lib.check_index_range(flat, self.num_embeddings, "indices")
+        """Adds the occurrences in ``indices`` (a tensor or a list/tuple of tensors). Every tensor
+        is checked before any is counted, so a bad batch counts nothing."""
+        flats = [check_frequency_indices(t, self.num_embeddings) for t in _index_tensors(indices, "indices")]
+        for flat in flats:
+            flat = flat.to(device=self.counts.device, dtype=torch.int64)
             if flat.numel() == 0:
                 continue
             if self.padding_idx is not None:
@@ -274,15 +356,22 @@ class FrequencyCounter:
         return {"counts": self.counts, "total": self.total}
 
     def load_state_dict(self, state) -> None:
-        counts = state["counts"]
-        if tuple(counts.shape) != (self.num_embeddings,):
-            raise ValueError(f"counts must have shape [{self.num_embeddings}], got {tuple(counts.shape)}")
+        counts, total = check_counter_state(state, self.num_embeddings)
         self.counts.copy_(counts)
-        self.total = int(state["total"])
+        self.total = total
 
     def __repr__(self) -> str:
         return (f"FrequencyCounter(num_embeddings={self.num_embeddings}, padding_idx={self.padding_idx}, "
                 f"total={self.total})")
+
+
+def check_count_frequencies_args(indices_or_iterable, key):
+    if key is not None and not callable(key):
+        raise TypeError(f"key must be callable (it maps a batch to its index tensors), got {type(key).__name__}")
+    if not isinstance(indices_or_iterable, torch.Tensor) and (
+            isinstance(indices_or_iterable, (str, bytes)) or not hasattr(indices_or_iterable, "__iter__")):
+        raise TypeError("indices_or_iterable must be an index tensor or an iterable of batches, got "
+                        f"{type(indices_or_iterable).__name__}")
 
 
 def count_frequencies(
@@ -299,6 +388,7 @@ def count_frequencies(
     that also hold labels or dense features). ``padding_idx`` is not counted. Rows with
     ``n_j == 0`` are treated as ``n_j = 1`` by the MBA ops.
     """
+    check_count_frequencies_args(indices_or_iterable, key)
     if isinstance(indices_or_iterable, torch.Tensor):
         t = indices_or_iterable if key is None else key(indices_or_iterable)
         counter = FrequencyCounter(num_embeddings, padding_idx, device=t.device)
