@@ -25,6 +25,8 @@ TORCH_LIBRARY(din_ops, m) {
       "Tensor[], Tensor[], Tensor[])");
   // Batch statistics (mean, biased var) over valid positions of the pre-activation of hidden
   // layer L = len(norm_mean); weights/biases hold layers 0..L. Used by Dice in training.
+  // One valid pair: var is -0.0, which every norm_var consumer reads as rstd = 0 (exact 0
+  // normalized value and statistics gradient, not a residue times 1/sqrt(eps)).
   m.def(
       "attention_pooling_stats(Tensor query, Tensor keys, Tensor? lengths, Tensor? offsets, "
       "Tensor[] weights, Tensor[] biases, Tensor[] act_weights, Tensor[] norm_mean, "

@@ -321,6 +321,11 @@ def recbole_shims(monkeypatch, tmp_path):
             monkeypatch.setattr(np, k, getattr(np, k, v), raising=False)  # restored afterwards
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # RecBole's torch.load calls pass no weights_only
     monkeypatch.chdir(tmp_path)  # its Trainer writes TensorBoard logs under the working directory
+    # importing RecBole's model zoo (recbole/model/sequential_recommender/sine.py) turns on
+    # autograd anomaly detection for the whole process: put it back afterwards
+    anomaly = torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()
+    yield
+    torch.autograd.set_detect_anomaly(*anomaly)
 
 
 def _recbole_setup(tmp_path):

@@ -205,18 +205,21 @@ def ints(lo, hi, first):
     return pick(first, *[v for v in range(lo, hi + 1) if v != first])
 
 
-def valid_pairs_identical(spec):
-    """Every valid (position, candidate) pair of the batch is the same point: one valid position,
-    one distinct candidate. The Dice statistics then have variance 0 (SPEC's one-valid-row case)."""
+def identical_pairs(spec):
+    """Several valid (position, candidate) pairs, all the same point: one valid position, C > 1
+    identical candidates. The Dice statistics have variance 0 over n > 1 pairs, where the value and
+    gradient through them are 1/sqrt(eps) times rounding residues (ill-conditioned, the reference
+    too). A single pair (SPEC's one-valid-row case) is exact and stays in."""
     B, T = spec["B"], spec["T"]
     n = B * T if spec["layout"] == "padded_all" else sum(spec["lengths"])
-    return n == 1 and (spec["C"] in (None, 1) or spec["query_view"] == "expanded")
+    return n == 1 and spec["C"] not in (None, 1) and spec["query_view"] == "expanded"
 
 
 @st.composite
 def attention_specs(draw, activation, small=False, one_valid_pair=False):
-    """``one_valid_pair``: False excludes Dice training on a batch whose valid pairs are all
-    identical (test_attention_pooling_dice_one_valid_pair covers it), True draws only those."""
+    """``one_valid_pair``: True draws only Dice-training batches with a single valid (position,
+    candidate) pair (test_attention_pooling_dice_one_valid_pair); False excludes Dice training on
+    several identical pairs (``identical_pairs``)."""
     dtype = draw(pick(*DTYPES)) if not one_valid_pair else torch.float32
     B = draw(ints(0, 3 if small else 4, 3))
     T = draw(ints(0, 5 if small else 7, 4))
@@ -250,7 +253,7 @@ def attention_specs(draw, activation, small=False, one_valid_pair=False):
     if small:
         spec["max_cb"] = draw(pick(16, 2))
     if activation == "dice_train" and hidden and not one_valid_pair:
-        assume(not valid_pairs_identical(spec))
+        assume(not identical_pairs(spec))
     return spec
 
 
@@ -409,13 +412,10 @@ ONE_VALID_PAIR = dict(
     prelu_shared=False, gamma=False, beta=False, running=False, momentum=0.1, seed=0, max_cb=16)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="defect: Dice training inside attention_pooling on a batch with one valid "
-                   "(position, candidate) pair (variance 0), both backends: the gradient through the batch "
-                   "statistics, exactly 0 here, comes out as a rounding residue amplified by 1/sqrt(eps) per "
-                   "Dice layer (float32, B = T = D = 1, hidden (1, 1): gradient errors of 0.35 on values of 0.4)")
+# regression: with one valid (position, candidate) pair (variance 0) the gradient through the Dice
+# batch statistics, exactly 0, once came out as a rounding residue amplified by 1/sqrt(eps)
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(prop_settings(4), phases=[Phase.explicit, Phase.generate])  # no shrinking: it fails by design
+@settings(prop_settings(4), phases=[Phase.explicit, Phase.generate])
 @given(spec=attention_specs("dice_train", small=True, one_valid_pair=True))
 @example(spec=ONE_VALID_PAIR)
 def test_attention_pooling_dice_one_valid_pair(backend, spec):
@@ -629,10 +629,8 @@ def test_mba_sparse_update_cpp(spec):
     check_mba_update(spec, "cpp")
 
 
-# The Triton MBA kernels read freq as if it were contiguous (see test_mba_triton_strided_freq):
-# the Triton properties draw contiguous freq only until that is fixed.
 @prop_settings(N_TRITON["mba"])
-@given(spec=mba_specs(small=True, freq_views=pick("contiguous")))
+@given(spec=mba_specs(small=True))
 def test_mba_sparse_update_triton(spec):
     check_mba_update(spec, "triton")
 
@@ -688,16 +686,13 @@ def test_mba_penalty_cpp(spec):
 
 
 @prop_settings(N_TRITON["penalty"])
-@given(spec=penalty_specs(small=True, freq_views=pick("contiguous")))
+@given(spec=penalty_specs(small=True))
 def test_mba_penalty_triton(spec):
     check_penalty(spec, "triton")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="defect: the Triton mba_sparse_update_ / mba_penalty / mba_penalty_backward "
-                   "launchers pass freq to the kernels without .contiguous(), which then read freq[j] at "
-                   "offset j: a non-contiguous freq (e.g. counts[::2]) gives the wrong n_j")
-@settings(prop_settings(6), phases=[Phase.explicit, Phase.generate])  # no shrinking: it fails by design
+# regression: the Triton launchers once read a non-contiguous freq (e.g. counts[::2]) at offset j
+@settings(prop_settings(6), phases=[Phase.explicit, Phase.generate])
 @given(data=st.data())
 def test_mba_triton_strided_freq(data):
     strided = pick("strided")

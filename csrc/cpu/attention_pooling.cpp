@@ -14,7 +14,9 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
+#include <type_traits>
 
 #include "common.h"
 
@@ -43,8 +45,21 @@ bool parse_softmax(const std::string& s) {
 
 // exp for float: Cody-Waite range reduction + degree-6 polynomial, branch-free so loops over
 // it vectorize (relative error ~2e-7). Double keeps std::exp: float64 results are compared at 1e-10.
+// The plain clamp turns NaN into -87; KeepNaN clamps |x| <= 88 (exp(-88) flushes to 0) as an
+// unsigned min on the bits that lets NaN, whose bits lie above inf's, through to the polynomial,
+// which then gives NaN as std::exp does. It costs ~10% more per sigmoid, so only tiles where a
+// NaN can occur take it (Workspace::keep_nan).
+template <bool KeepNaN>
 inline float fast_exp(float x) {
-  x = std::min(88.0f, std::max(-87.0f, x));
+  if constexpr (KeepNaN) {
+    uint32_t b;
+    std::memcpy(&b, &x, sizeof(b));
+    const uint32_t mag = b & 0x7FFFFFFFu;
+    b = (mag <= 0x42B00000u || mag > 0x7F800000u ? mag : 0x42B00000u) | (b & 0x80000000u);
+    std::memcpy(&x, &b, sizeof(x));
+  } else {
+    x = std::min(88.0f, std::max(-87.0f, x));
+  }
   // round to nearest by adding 1.5 * 2^23 (vectorizes, unlike nearbyint)
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693145751953125f;
@@ -61,11 +76,22 @@ inline float fast_exp(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
-inline double fast_exp(double x) { return std::exp(x); }
+template <bool KeepNaN>
+inline double fast_exp(double x) {
+  return std::exp(x);
+}
 
-template <typename T>
+template <bool KeepNaN, typename T>
 inline T sigmoid(T x) {
-  return T(1) / (T(1) + fast_exp(-x));
+  return T(1) / (T(1) + fast_exp<KeepNaN>(-x));
+}
+
+// Whether x[0, n) holds an inf or a NaN (x - x is 0 only for finite x).
+template <typename T>
+inline bool has_nonfinite(const T* x, int64_t n) {
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= !(x[i] - x[i] == T(0));
+  return bad != 0;
 }
 
 // Which valid positions exist, independent of the layout: row b owns key rows
@@ -148,12 +174,21 @@ struct Mlp {
   std::vector<int64_t> alpha_stride;
   T eps = 0;
   int64_t maxH = 1;
+  bool nonfinite = false;  // a parameter is inf or NaN (or a Dice variance + eps is not > 0)
 
   const T* w(int64_t l) const { return W[l].data_ptr<T>(); }
   const T* bias(int64_t l) const { return b[l].data_ptr<T>(); }
 };
 
 at::Tensor acc(const at::Tensor& t, at::ScalarType s) { return t.to(s).contiguous(); }
+
+// 1 / sqrt(var + eps) of a Dice layer. A variance of -0.0 is the stats op's mark for a batch of
+// one valid pair: there the normalized value and its gradient are exactly 0 (h == mean), so the
+// scale is 0 rather than 1/sqrt(eps) times a rounding residue of h - mean.
+template <typename T>
+T dice_rstd(T var, T eps) {
+  return var == T(0) && std::signbit(var) ? T(0) : T(1) / std::sqrt(var + eps);
+}
 
 template <typename T>
 Mlp<T> make_mlp(int64_t D, at::TensorList weights, at::TensorList biases, at::TensorList act_weights,
@@ -203,8 +238,12 @@ Mlp<T> make_mlp(int64_t D, at::TensorList weights, at::TensorList biases, at::Te
       m.var.push_back(acc(norm_var[l], s));
       m.gamma.push_back(norm_weight.empty() ? at::ones({m.H[l]}, W0.options()) : acc(norm_weight[l], s));
       m.beta.push_back(norm_bias.empty() ? at::zeros({m.H[l]}, W0.options()) : acc(norm_bias[l], s));
+      const T* va = m.var[l].template data_ptr<T>();
+      for (int64_t h = 0; h < m.H[l]; ++h) m.nonfinite |= !(va[h] + m.eps > T(0));
     }
   }
+  for (const auto* group : {&m.W, &m.b, &m.alpha, &m.mean, &m.var, &m.gamma, &m.beta})
+    for (const at::Tensor& t : *group) m.nonfinite |= has_nonfinite(t.template data_ptr<T>(), t.numel());
   return m;
 }
 
@@ -246,6 +285,7 @@ struct Workspace {
   std::vector<T> Abc, cbc, dA0, dc0, dZ, dZprev, kbuf;
   std::vector<Segment> segs;
   int64_t M = 0;
+  bool keep_nan = false;  // the tile may hold a NaN pre-activation: NaN-keeping sigmoid
 
   explicit Workspace(const Mlp<T>& m) {
     for (int64_t l = 0; l < m.L; ++l) {
@@ -284,15 +324,19 @@ void fold_layer0(const Mlp<T>& m, const T* __restrict q, T* __restrict Abc, T* _
 }
 
 template <typename T>
-void activate(const Mlp<T>& m, int64_t l, const T* z, T* a, int64_t M) {
+void activate(const Mlp<T>& m, int64_t l, const T* z, T* a, int64_t M, bool keep_nan) {
   const int64_t H = m.H[l];
   const int64_t n = M * H;
   switch (m.act) {
     case Act::Sigmoid:
-      for (int64_t i = 0; i < n; ++i) a[i] = sigmoid(z[i]);
+      if (keep_nan) {
+        for (int64_t i = 0; i < n; ++i) a[i] = sigmoid<true>(z[i]);
+      } else {
+        for (int64_t i = 0; i < n; ++i) a[i] = sigmoid<false>(z[i]);
+      }
       break;
     case Act::ReLU:
-      for (int64_t i = 0; i < n; ++i) a[i] = z[i] > T(0) ? z[i] : T(0);
+      for (int64_t i = 0; i < n; ++i) a[i] = z[i] < T(0) ? T(0) : z[i];  // NaN stays NaN, as torch.relu
       break;
     case Act::Identity:
       std::memcpy(a, z, n * sizeof(T));
@@ -315,16 +359,20 @@ void activate(const Mlp<T>& m, int64_t l, const T* z, T* a, int64_t M) {
       const T* be = m.beta[l].template data_ptr<T>();
       std::vector<T> k1(H), k0(H);  // y = k1 * z + k0: the normalization folded into one affine map
       for (int64_t h = 0; h < H; ++h) {
-        const T rstd = T(1) / std::sqrt(va[h] + m.eps);
+        const T rstd = dice_rstd(va[h], m.eps);
         k1[h] = ga[h] * rstd;
         k0[h] = be[h] - ga[h] * rstd * mu[h];
       }
-      for (int64_t i = 0; i < M; ++i)
-        for (int64_t h = 0; h < H; ++h) {
-          const T v = z[i * H + h];
-          const T p = sigmoid(k1[h] * v + k0[h]);
-          a[i * H + h] = v * (al[h] + (T(1) - al[h]) * p);
-        }
+      auto rows = [&](auto keep_nan_t) {
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t h = 0; h < H; ++h) {
+            const T v = z[i * H + h];
+            const T p = sigmoid<decltype(keep_nan_t)::value>(k1[h] * v + k0[h]);
+            // p v + (1 - p) alpha v as p (v - alpha v) + alpha v: NaN at v = +-inf like the reference's
+            a[i * H + h] = p * (v - al[h] * v) + al[h] * v;
+          }
+      };
+      keep_nan ? rows(std::true_type{}) : rows(std::false_type{});
       break;
     }
   }
@@ -334,7 +382,7 @@ void activate(const Mlp<T>& m, int64_t l, const T* z, T* a, int64_t M) {
 // parameter gradients into g (per-range buffer).
 template <typename T>
 void activate_backward(const Mlp<T>& m, const GradLayout& lay, int64_t l, const T* z, const T* a,
-                       const T* dA, T* dz, int64_t M, T* g) {
+                       const T* dA, T* dz, int64_t M, T* g, bool keep_nan) {
   const int64_t H = m.H[l];
   const int64_t n = M * H;
   switch (m.act) {
@@ -342,7 +390,7 @@ void activate_backward(const Mlp<T>& m, const GradLayout& lay, int64_t l, const 
       for (int64_t i = 0; i < n; ++i) dz[i] = dA[i] * a[i] * (T(1) - a[i]);
       break;
     case Act::ReLU:
-      for (int64_t i = 0; i < n; ++i) dz[i] = z[i] > T(0) ? dA[i] : T(0);
+      for (int64_t i = 0; i < n; ++i) dz[i] = z[i] <= T(0) ? T(0) : dA[i];  // torch passes dA at NaN
       break;
     case Act::Identity:
       std::memcpy(dz, dA, n * sizeof(T));
@@ -353,13 +401,13 @@ void activate_backward(const Mlp<T>& m, const GradLayout& lay, int64_t l, const 
       T* ga = g + lay.alpha[l];
       for (int64_t i = 0; i < M; ++i)
         for (int64_t h = 0; h < H; ++h) {
+          // torch.where(v >= 0, v, a * v) as autograd sees it: both branches get a gradient,
+          // so a NaN alpha (or an inf v) poisons as in the reference
           const T v = z[i * H + h], d = dA[i * H + h];
-          if (v >= T(0)) {
-            dz[i * H + h] = d;
-          } else {
-            dz[i * H + h] = al[h * as] * d;
-            ga[h * as] += d * v;
-          }
+          const bool pos = v >= T(0);
+          const T dneg = pos ? T(0) : d;
+          dz[i * H + h] = (pos ? d : T(0)) + al[h * as] * dneg;
+          ga[h * as] += dneg * v;
         }
       break;
     }
@@ -375,12 +423,12 @@ void activate_backward(const Mlp<T>& m, const GradLayout& lay, int64_t l, const 
       T* g_gamma = g + lay.gamma[l];
       T* g_beta = g + lay.beta[l];
       std::vector<T> rstd(H);
-      for (int64_t h = 0; h < H; ++h) rstd[h] = T(1) / std::sqrt(va[h] + m.eps);
+      for (int64_t h = 0; h < H; ++h) rstd[h] = dice_rstd(va[h], m.eps);
       for (int64_t i = 0; i < M; ++i)
         for (int64_t h = 0; h < H; ++h) {
           const T v = z[i * H + h], d = dA[i * H + h];
           const T xhat = (v - mu[h]) * rstd[h];
-          const T p = sigmoid(gm[h] * xhat + be[h]);
+          const T p = keep_nan ? sigmoid<true>(gm[h] * xhat + be[h]) : sigmoid<false>(gm[h] * xhat + be[h]);
           const T u = d * v * (T(1) - al[h]) * p * (T(1) - p);  // dL/dy, y the sigmoid's input
           dz[i * H + h] = d * (al[h] + (T(1) - al[h]) * p) + u * gm[h] * rstd[h];
           g_alpha[h] += d * v * (T(1) - p);
@@ -401,17 +449,41 @@ struct Inputs {
   const T* k = nullptr;  // [P, D]
 };
 
+// NaN in layer 0 for the positions of a segment whose q or k_t holds an inf or a NaN; whether
+// there was one. Out of line: it runs only when some z[t, 0] is not finite.
+template <typename T>
+__attribute__((noinline, cold)) bool nan_for_nonfinite_inputs(const T* q, const T* k, int64_t n, int64_t D, T* z,
+                                                            int64_t H0) {
+  const bool bad_q = has_nonfinite(q, D);
+  bool any = false;
+  for (int64_t i = 0; i < n; ++i)
+    if (bad_q || has_nonfinite(k + i * D, D)) {
+      std::fill(z + i * H0, z + (i + 1) * H0, std::numeric_limits<T>::quiet_NaN());
+      any = true;
+    }
+  return any;
+}
+
 // Forward through the tile: Z[l] for every layer, A[l] for every layer but the last.
 template <typename T>
 void tile_forward(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace<T>& ws) {
   const int64_t D = m.D, H0 = m.H[0];
   T* Z0 = ws.Z[0].data();
+  ws.keep_nan = m.nonfinite;
   for (const Segment& s : ws.segs) {
-    fold_layer0(m, in.q + (s.b * r.C + s.c) * D, ws.Abc.data(), ws.cbc.data());
+    const T* q = in.q + (s.b * r.C + s.c) * D;
+    fold_layer0(m, q, ws.Abc.data(), ws.cbc.data());
     T* z = Z0 + s.off * H0;
     const T* k = in.k + (r.start[s.b] + s.t0) * D;
     for (int64_t i = 0; i < s.n; ++i) std::memcpy(z + i * H0, ws.cbc.data(), H0 * sizeof(T));
     gemm_rm<T>(false, true, s.n, H0, D, T(1), k, D, ws.Abc.data(), D, T(1), z, H0);
+    // An inf in q or k_t makes the reference's [q, k, q - k, q * k] layer NaN (inf - inf) for
+    // weights of mixed sign, where the folded form gives +-inf: NaN for the whole position. Any
+    // inf or NaN of q or k_t reaches z[t, 0] (0 * inf is NaN), so one value per position says
+    // whether to look at its inputs.
+    int bad = 0;
+    for (int64_t i = 0; i < s.n; ++i) bad |= !(z[i * H0] - z[i * H0] == T(0));
+    if (bad) ws.keep_nan |= nan_for_nonfinite_inputs(q, k, s.n, D, z, H0);
   }
   const int64_t M = ws.M;
   for (int64_t l = 0; l < m.L; ++l) {
@@ -422,7 +494,7 @@ void tile_forward(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace
       for (int64_t i = 0; i < M; ++i) std::memcpy(z + i * H, bl, H * sizeof(T));
       gemm_rm<T>(false, true, M, H, Hin, T(1), ws.A[l - 1].data(), Hin, m.w(l), Hin, T(1), z, H);
     }
-    if (l + 1 < m.L) activate(m, l, ws.Z[l].data(), ws.A[l].data(), M);
+    if (l + 1 < m.L) activate(m, l, ws.Z[l].data(), ws.A[l].data(), M, ws.keep_nan);
   }
 }
 
@@ -442,7 +514,7 @@ void tile_backward(const Mlp<T>& m, const GradLayout& lay, const Rows& r, const 
     for (int64_t i = 0; i < M; ++i)
       for (int64_t h = 0; h < H; ++h) gb[h] += dz[i * H + h];
     gemm_rm<T>(false, false, M, Hin, H, T(1), dz, H, m.w(l), Hin, T(0), dprev, Hin);
-    activate_backward(m, lay, l - 1, ws.Z[l - 1].data(), ws.A[l - 1].data(), dprev, dz, M, g);
+    activate_backward(m, lay, l - 1, ws.Z[l - 1].data(), ws.A[l - 1].data(), dprev, dz, M, g, ws.keep_nan);
   }
   // Layer 0, folded: z = Abc k + cbc.
   const int64_t H0 = m.H[0];
@@ -809,6 +881,9 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_stats_cpu(
     }
     if (n > 0)
       for (int64_t h = 0; h < H; ++h) pv[h] /= T(n);
+    if (n == 1)  // mark the one-valid-pair batch for the consumers' dice_rstd (NaN stays NaN)
+      for (int64_t h = 0; h < H; ++h)
+        if (pv[h] == T(0)) pv[h] = -T(0);
   });
   return {mean, var};
 }

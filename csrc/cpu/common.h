@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -73,12 +74,14 @@ inline void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
     return;
   }
   const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+  // the Fortran BLAS takes int sizes: anything wider goes to the int64 loops below
+  const bool fits_int = std::max({M, N, K, lda, ldb, ldc}) <= int64_t{std::numeric_limits<int>::max()};
   const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
   const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
   if constexpr (std::is_same_v<T, float>) {
-    if (auto f = blas::sgemm()) return f(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    if (auto f = blas::sgemm(); f && fits_int) return f(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
   } else if constexpr (std::is_same_v<T, double>) {
-    if (auto f = blas::dgemm()) return f(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    if (auto f = blas::dgemm(); f && fits_int) return f(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
   }
   gemm_rm_loops(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -158,11 +159,12 @@ void merge_moments(int64_t& na, A* ma, A* m2a, int64_t nb, const A* mb, const A*
     return;
   }
   const int64_t n = na + nb;
-  const A fb = static_cast<A>(nb) / static_cast<A>(n);
+  const A fa = static_cast<A>(na) / static_cast<A>(n), fb = static_cast<A>(nb) / static_cast<A>(n);
   const A w = static_cast<A>(na) * fb;
   for (int64_t c = 0; c < C; ++c) {
     const A d = mb[c] - ma[c];
-    ma[c] += d * fb;
+    // a weighted mean, not ma + d fb: an inf mean stays inf (the reference's sum / n), not inf - inf
+    ma[c] = ma[c] * fa + mb[c] * fb;
     m2a[c] += m2b[c] + d * d * w;
   }
   na = n;
@@ -223,6 +225,7 @@ void valid_moments(const S* x, const Layout& L, const RowKernels<S, A>& K, A* me
 template <typename A>
 struct Params {
   at::Tensor mean, rstd, gamma, beta, alpha;
+  std::vector<char> p_nan;  // channels whose p is NaN (a NaN mean, variance, gamma or beta)
   Coef<A> coef() const {
     return {mean.data_ptr<A>(), rstd.data_ptr<A>(), gamma.data_ptr<A>(), beta.data_ptr<A>(),
             alpha.data_ptr<A>()};
@@ -256,6 +259,24 @@ Params<A> make_params(const at::Tensor& mean, const at::Tensor& var, const at::T
     P.beta = beta->to(st).contiguous().view({C});
   } else {
     P.beta = at::zeros({C}, opts);
+  }
+  // A NaN statistic or affine parameter makes p NaN for the whole channel, which the clamped exp
+  // of the row loops would turn into 0 or 1. Per channel it costs nothing: such a channel's alpha
+  // is NaN, so y = p (x - alpha x) + alpha x and dx are NaN as in the reference; the alpha
+  // gradient, the one sum without alpha, is set after the reduction.
+  const A *mu = P.mean.template data_ptr<A>(), *rs = P.rstd.template data_ptr<A>();
+  const A *ga = P.gamma.template data_ptr<A>(), *be = P.beta.template data_ptr<A>();
+  P.p_nan.assign(C, 0);
+  bool any = false;
+  for (int64_t c = 0; c < C; ++c) {
+    P.p_nan[c] = mu[c] != mu[c] || rs[c] != rs[c] || ga[c] != ga[c] || be[c] != be[c];
+    any |= P.p_nan[c] != 0;
+  }
+  if (any) {
+    P.alpha = P.alpha.clone();  // may be the caller's tensor
+    A* al = P.alpha.template data_ptr<A>();
+    for (int64_t c = 0; c < C; ++c)
+      if (P.p_nan[c]) al[c] = std::numeric_limits<A>::quiet_NaN();
   }
   return P;
 }
@@ -361,6 +382,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dice_backward(
         shx[c] += acc_p[2 * C + c];
       }
     }
+    for (int64_t c = 0; c < C && L.R > 0; ++c)
+      if (P.p_nan[c]) sa[c] = std::numeric_limits<A>::quiet_NaN();  // a sum of g x (1 - p), p NaN
 
     // pass 2: dx. The statistics were taken over the valid rows, so only they receive
     // d(mean)/dx = 1/n and d(var)/dx = 2 (x - mean) / n.
@@ -368,10 +391,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dice_backward(
     const bool stat_terms = training && L.count > 0;
     if (stat_terms) {
       const A inv_n = A(1) / static_cast<A>(L.count);
-      for (int64_t c = 0; c < C; ++c) {
-        const A f = -k.gamma[c] * k.rstd[c] * inv_n;
-        k1[c] = f * sh[c];
-        k2[c] = f * shx[c];
+      for (int64_t c = 0; c < C; ++c) {  // gamma rstd is applied in the kernel, after h + k1
+        k1[c] = -inv_n * sh[c];
+        k2[c] = -inv_n * shx[c];
       }
     }
     scalar_t* dp = dx.data_ptr<scalar_t>();

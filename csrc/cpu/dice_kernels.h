@@ -128,7 +128,8 @@ void transform_rows(const S* __restrict__ x, S* __restrict__ y, int64_t nrows, i
       const A v = ld(xi, c);
       // subtract first: (x - mean) is exact for the single-row case, gamma*rstd*x - shift is not
       const A p = sigmoid<A>(ga[c] * ((v - mu[c]) * rs[c]) + be[c]);
-      st(yi, c, v * (al[c] + (A(1) - al[c]) * p));
+      // p v + (1 - p) alpha v as p (v - alpha v) + alpha v: NaN at v = +-inf like the reference's
+      st(yi, c, p * (v - al[c] * v) + al[c] * v);
     }
   }
 }
@@ -162,9 +163,9 @@ void backward_reduce_rows(const S* __restrict__ g, const S* __restrict__ x, int6
   }
 }
 
-// dx = g (alpha + (1 - alpha) p) + h gamma rstd  [+ k1 + k2 xhat on valid rows in training:
-// the terms through the batch mean and variance, k1 = -gamma rstd s_h / n,
-// k2 = -gamma rstd s_hx / n]
+// dx = g (alpha + (1 - alpha) p) + gamma rstd (h [+ k1 + k2 xhat on valid rows in training:
+// the terms through the batch mean and variance, k1 = -s_h / n, k2 = -s_hx / n])
+// gamma rstd is factored out so that h + k1 cancels before the scaling: exactly 0 for one row.
 template <typename S, typename A>
 void backward_dx_rows(const S* __restrict__ g, const S* __restrict__ x, S* __restrict__ dx,
                       int64_t nrows, int64_t C, const Coef<A>& k, const A* __restrict__ k1,
@@ -187,7 +188,7 @@ void backward_dx_rows(const S* __restrict__ g, const S* __restrict__ x, S* __res
         const A p = sigmoid<A>(ga[c] * xh + be[c]);
         const A oma = A(1) - al[c];
         const A h = gv * v * oma * p * (A(1) - p);
-        st(di, c, gv * (al[c] + oma * p) + h * ga[c] * rs[c] + k1[c] + k2[c] * xh);
+        st(di, c, gv * (al[c] + oma * p) + ga[c] * rs[c] * (h + k1[c] + k2[c] * xh));
       }
     } else {
 #pragma omp simd

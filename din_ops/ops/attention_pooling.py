@@ -10,6 +10,10 @@ Dice inside the unit (``activation="dice"``) in training needs batch statistics 
 layer's pre-activation over the valid positions. ``din_ops::attention_pooling_stats`` computes
 them layer by layer (each pass recomputes the MLP below the layer, nothing ``[N, H]`` is stored),
 and its own backward carries the gradient through the statistics, so the composition is exact.
+With a single valid (position, candidate) pair the stats op returns the variance as -0.0 and the
+kernels take that as ``rstd = 0``: the normalized value and every gradient through the statistics
+are then exactly 0, as in the reference (h == mean), instead of a rounding residue of the
+recomputed pre-activation times 1/sqrt(eps). Running statistics see it as an ordinary 0.
 """
 from __future__ import annotations
 
@@ -52,6 +56,17 @@ def _check_tensor_list(value, name: str, optional: bool = True):
                 raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
 
 
+def _check_unit_options(activation, normalization, scale):
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not isinstance(normalization, str) or normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if not _is_number(scale):
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+
 def check_attention_pooling_options(query, weights, biases, activation, normalization, scale, prelu_weights,
                                     dice_alpha, dice_running_mean, dice_running_var, dice_gamma, dice_beta,
                                     momentum, eps):
@@ -61,14 +76,7 @@ def check_attention_pooling_options(query, weights, biases, activation, normaliz
     lib.check_tensor(query, "query", dims=(2, 3), floating=True)
     _check_tensor_list(weights, "weights", optional=False)
     _check_tensor_list(biases, "biases", optional=False)
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if not isinstance(normalization, str) or normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    if not _is_number(scale):
-        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    _check_unit_options(activation, normalization, scale)
     if not _is_number(eps):
         raise TypeError(f"eps must be a Python float, got {type(eps).__name__}")
     if not (math.isfinite(eps) and eps > 0):
@@ -116,14 +124,7 @@ def check_attention_pooling_config(embed_dim, hidden_units, activation, normaliz
         raise TypeError(f"hidden_units must be a sequence of ints, got {type(hidden_units).__name__}")
     for i, h in enumerate(hidden_units):
         _check_count(h, f"hidden_units[{i}]")
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if not isinstance(normalization, str) or normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    if not _is_number(scale):
-        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    _check_unit_options(activation, normalization, scale)
     if not _is_number(dice_eps) or not (math.isfinite(dice_eps) and dice_eps > 0):
         raise ValueError(f"dice_eps must be a positive finite number, got {dice_eps!r}")
     if not _is_number(dice_momentum) or not 0.0 <= dice_momentum <= 1.0:
@@ -427,6 +428,11 @@ def attention_pooling(
     Returns ``out`` shaped like ``query`` (and the weights). A row with no valid position gets
     zero weights and a zero output. Dtypes: fp32/fp64/fp16/bf16, all tensors alike; fp16/bf16
     accumulate in fp32.
+
+    NaN and inf propagate as in ``din_ops.reference``. An inf or NaN element of a valid key (or
+    of a query) makes that position's (that candidate's) score NaN, as the reference's
+    ``[q, k, q - k, q * k]`` layer does through inf - inf for weights of mixed sign; the other
+    rows are not touched, and padding is never read.
 
     Under ``torch.autocast`` (CPU or CUDA) the unit is treated like ``nn.Linear``: query, keys
     and every parameter are cast to the autocast dtype (float64 stays float64), the op runs and

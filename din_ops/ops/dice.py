@@ -209,6 +209,10 @@ def dice(
         * The valid-row count for the running update is computed on the device (no host
           synchronization); the value checks of ``lengths``/``offsets`` read them on the host,
           except under ``torch.compile``, where they are skipped.
+        * NaN and inf propagate as in the reference (``p x + (1 - p) alpha x`` is NaN at
+          ``x = +-inf``). A NaN or inf in padding never enters the statistics, so only that
+          position's output is non-finite; its gradient flows like any padded output's (into
+          alpha, gamma, beta and, in training, through the statistics into the valid rows).
     """
     cast = lib.autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
     if cast is not None:  # autocast: like BatchNorm, Dice runs in x's dtype (SPEC, policies)

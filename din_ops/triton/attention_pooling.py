@@ -93,7 +93,9 @@ from .._library import register_triton, triton_interpret
 
 _ACT = {"sigmoid": 0, "relu": 1, "identity": 2, "prelu": 3, "dice": 4}
 MAX_HIDDEN = 4
-_NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" of the online softmax: no inf - inf anywhere
+# Positions within a row are int32 in the kernels (row starts and every element offset are
+# int64), so t0 + BT must not wrap.
+_MAX_ROW = 2**31 - 2**16
 
 
 @dataclasses.dataclass
@@ -144,14 +146,28 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _nonfinite(x, AXIS: tl.constexpr):
+    # 0, or NaN where x holds an inf or a NaN along AXIS (x - x is 0 only for finite x). An inf in
+    # q or k makes the reference's [q, k, q - k, q * k] layer NaN (inf - inf) for weights of mixed
+    # sign, where the folded form gives +-inf: layer 0 of such a position is made NaN.
+    return tl.sum(x - x, axis=AXIS)
+
+
+@triton.jit
 def _row_extent(b, len_ptr, off_ptr, T, LAYOUT: tl.constexpr):
-    # LAYOUT 0: padded, all valid; 1: padded with lengths; 2: jagged with offsets
+    # LAYOUT 0: padded, all valid; 1: padded with lengths; 2: jagged with offsets, where T is N
+    # (keys' rows). Out-of-range values (a direct op call skips the host checks) are clamped,
+    # n into [0, T], start into [0, N] and end into [start, N], so nothing is accessed out of
+    # bounds. x - min(x, 0) rather than max(x, 0) keeps n < 0 unprovable (_KEEP_IN_LOOP).
     if LAYOUT == 2:
-        start = tl.load(off_ptr + b).to(tl.int64)
-        n = (tl.load(off_ptr + b + 1).to(tl.int64) - start).to(tl.int32)
+        lo = tl.load(off_ptr + b).to(tl.int64)
+        start = tl.minimum(lo - tl.minimum(lo, 0), T)
+        end = tl.minimum(tl.maximum(tl.load(off_ptr + b + 1).to(tl.int64), start), T)
+        n = (end - start).to(tl.int32)
     elif LAYOUT == 1:
         start = b.to(tl.int64) * T
-        n = tl.load(len_ptr + b).to(tl.int32)
+        n = tl.minimum(tl.load(len_ptr + b).to(tl.int64), T)
+        n = (n - tl.minimum(n, 0)).to(tl.int32)
     else:
         start = b.to(tl.int64) * T
         n = (b * 0 + T).to(tl.int32)
@@ -230,7 +246,10 @@ def _act_params(a_ptr, m_ptr, v_ptr, g_ptr, e_ptr, H, eps, HP: tl.constexpr, ACT
     if ACT == 4:
         mean = tl.load(m_ptr + offs, mask=ok, other=0).to(ACC)
         var = tl.load(v_ptr + offs, mask=ok, other=1).to(ACC)
-        rstd = 1.0 / tl.sqrt(var + eps)
+        # var -0.0 marks a batch of one valid pair (attention_pooling_stats): the normalized value
+        # and its gradient are exactly 0 there, not 1/sqrt(eps) times a rounding residue
+        one_pair = (var == 0) & (var.to(tl.float32).to(tl.int32, bitcast=True) < 0)
+        rstd = tl.where(one_pair, 0.0, 1.0 / tl.sqrt(var + eps))
         if HAS_G:
             gamma = tl.load(g_ptr + offs, mask=ok, other=0).to(ACC)
         if HAS_BE:
@@ -245,7 +264,7 @@ def _act_fwd(z, a_ptr, m_ptr, v_ptr, g_ptr, e_ptr, H, eps, HP: tl.constexpr, ACT
     if ACT == 0:
         out = _sigmoid(z)
     elif ACT == 1:
-        out = tl.maximum(z, 0.0)
+        out = tl.where(z < 0, 0.0, z)  # keeps NaN, as torch.relu (tl.maximum drops it on GPUs)
     elif ACT == 3:
         alpha, mean, rstd, gamma, beta = _act_params(a_ptr, m_ptr, v_ptr, g_ptr, e_ptr, H, eps, HP,
                                                      ACT, HAS_G, HAS_BE, ACC)
@@ -255,7 +274,8 @@ def _act_fwd(z, a_ptr, m_ptr, v_ptr, g_ptr, e_ptr, H, eps, HP: tl.constexpr, ACT
         alpha, mean, rstd, gamma, beta = _act_params(a_ptr, m_ptr, v_ptr, g_ptr, e_ptr, H, eps, HP,
                                                      ACT, HAS_G, HAS_BE, ACC)
         p = _sigmoid((z - mean[None, :]) * rstd[None, :] * gamma[None, :] + beta[None, :])
-        out = z * (alpha[None, :] + (1.0 - alpha[None, :]) * p)
+        # p z + (1 - p) alpha z as p (z - alpha z) + alpha z: NaN at z = +-inf like the reference's
+        out = p * (z - alpha[None, :] * z) + alpha[None, :] * z
     return out
 
 
@@ -271,13 +291,16 @@ def _act_bwd(dh, z, a_ptr, m_ptr, v_ptr, g_ptr, e_ptr, H, eps, HP: tl.constexpr,
         s = _sigmoid(z)
         dz = dh * s * (1.0 - s)
     elif ACT == 1:
-        dz = tl.where(z > 0, dh, 0.0)
+        dz = tl.where(z <= 0, 0.0, dh)  # NaN z passes dh, as torch's relu backward
     elif ACT == 3:
         alpha, mean, rstd, gamma, beta = _act_params(a_ptr, m_ptr, v_ptr, g_ptr, e_ptr, H, eps, HP,
                                                      ACT, HAS_G, HAS_BE, ACC)
-        neg = z < 0
-        dz = tl.where(neg, alpha[None, :] * dh, dh)
-        da = tl.where(neg, dh * z, 0.0)
+        # torch.where(z >= 0, z, alpha * z) as autograd sees it: both branches get a gradient,
+        # so a NaN alpha (or an inf z) poisons as in the reference
+        pos = z >= 0
+        dneg = tl.where(pos, 0.0, dh)
+        dz = tl.where(pos, dh, 0.0) + alpha[None, :] * dneg
+        da = dneg * z
     elif ACT == 4:
         alpha, mean, rstd, gamma, beta = _act_params(a_ptr, m_ptr, v_ptr, g_ptr, e_ptr, H, eps, HP,
                                                      ACT, HAS_G, HAS_BE, ACC)
@@ -438,18 +461,18 @@ def _fwd_kernel(q_ptr, k_ptr, len_ptr, off_ptr, out_ptr, attn_ptr, sbuf_ptr,
             q = tl.load(q_ptr + (qrow + cb) * D + offs_d, mask=d_ok, other=0).to(ACC)
             AT = (_w0T(w0, D, H0, 1, jz, DP, HP0, ACC) - _w0T(w0, D, H0, 2, jz, DP, HP0, ACC)
                   + _w0T(w0, D, H0, 3, jz, DP, HP0, ACC) * q[:, None])
-            c0 = tl.sum(WqdT * q[:, None], axis=0) + bias0
+            c0 = tl.sum(WqdT * q[:, None], axis=0) + bias0 + _nonfinite(q, 0)
         else:
             Qx = tl.load(q_ptr + (qrow + c_glob)[:, None] * D + offs_d[None, :],
                          mask=c_ok[:, None] & d_ok[None, :], other=0).to(ACC)
-            C0x = _mm(Qx, WqdT, DOT, PREC, ACC) + bias0[None, :]
+            C0x = _mm(Qx, WqdT, DOT, PREC, ACC) + (bias0[None, :] + _nonfinite(Qx, 1)[:, None])
         if LAYOUT == 2:
             a_off = start * C + c_glob
             a_st = C
         else:
             a_off = (qrow + c_glob) * T
             a_st = 1
-        m_run = tl.full([CB], _NEG, ACC)
+        m_run = tl.full([CB], float("-inf"), ACC)
         l_run = tl.zeros([CB], ACC)
         acc = tl.zeros([CB, DP], ACC)
         for t0 in range(0, n, BT):
@@ -463,6 +486,7 @@ def _fwd_kernel(q_ptr, k_ptr, len_ptr, off_ptr, out_ptr, attn_ptr, sbuf_ptr,
                 z0 = _mm(Kx, AT, DOT, PREC, ACC) + c0[None, :]
             else:
                 z0 = _layer0(Kx, Kx * Qx, C0x, w0, D, H0, wz, DP, HP0, ACC, DOT, PREC)
+            z0 = z0 + _nonfinite(Kx, 1)[:, None]
             h0, z1, h1, z2, h2, z3, h3 = _hidden_fwd(
                 z0, w1, b1, w2, b2, w3, b3, a0, m0, v0, g0, e0, a1, m1, v1, g1, e1, a2, m2, v2, g2, e2,
                 a3, m3, v3, g3, e3, H0, H1, H2, H3, eps, wz, NH, ACT, HAS_G, HAS_BE, HP0, HP1, HP2, HP3,
@@ -479,9 +503,11 @@ def _fwd_kernel(q_ptr, k_ptr, len_ptr, off_ptr, out_ptr, attn_ptr, sbuf_ptr,
                     tl.store(sbuf_ptr + aidx, s.to(tl.float32), mask=ok)
                 else:
                     tl.store(attn_ptr + aidx, s.to(ATTN_T), mask=ok)
-                m_new = tl.maximum(m_run, tl.max(_to2d(tl.where(ok, s, _NEG), BT, CB), axis=0))
-                corr = tl.exp(m_run - m_new)
-                pm = tl.where(ok, tl.exp(s - _from_cb(m_new, BT, CB)), 0.0)
+                # tl.max skips NaN scores; exp(s - m) brings them back into l_run and acc
+                m_new = tl.maximum(m_run, tl.max(_to2d(tl.where(ok, s, float("-inf")), BT, CB), axis=0))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # only -inf so far: no inf - inf
+                corr = tl.exp(m_run - m_use)
+                pm = tl.where(ok, tl.exp(s - _from_cb(m_use, BT, CB)), 0.0)
                 l_run = l_run * corr + tl.sum(_to2d(pm, BT, CB), axis=0)
                 acc = acc * corr[:, None] + _sum_t(pm[:, None] * Kx, BT, CB, DP)
                 m_run = m_new
@@ -490,14 +516,15 @@ def _fwd_kernel(q_ptr, k_ptr, len_ptr, off_ptr, out_ptr, attn_ptr, sbuf_ptr,
                 tl.store(attn_ptr + aidx, w.to(ATTN_T), mask=ok)
                 acc = acc + _sum_t(w[:, None] * Kx, BT, CB, DP)
         if SOFTMAX:
-            lsafe = tl.where(l_run > 0, l_run, 1.0)
-            acc = tl.where((l_run > 0)[:, None], acc / lsafe[:, None], 0.0)
+            # a NaN or 0 sum (all scores -inf) divides as in torch.softmax; an empty row gives 0
+            l_den = tl.where(n > 0, l_run, 1.0)
+            acc = acc / l_den[:, None]
         tl.store(out_ptr + (qrow + cc)[:, None] * D + offs_d[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=cc_ok[:, None] & d_ok[None, :])
         if SOFTMAX:
             tl.debug_barrier()  # the raw scores written above are read back by other threads
-            m_x = _from_cb(m_run, BT, CB)
-            l_x = _from_cb(tl.where(l_run > 0, l_run, 1.0), BT, CB)
+            m_x = _from_cb(tl.where(m_run == float("-inf"), 0.0, m_run), BT, CB)
+            l_x = _from_cb(l_den, BT, CB)
             for t0 in range(0, n, BT):
                 t = t0 + t_in
                 ok = (t < n) & c_ok
@@ -648,7 +675,8 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
                          mask=t_ok[:, None] & d_ok[None, :], other=0).to(ACC)
             KQ = Kx * Qx
             wz = (t0 >= n).to(tl.int32)  # 0; see _KEEP_IN_LOOP
-            z0 = _layer0(Kx, KQ, C0x, w0, D, H0, wz, DP, HP0, ACC, DOT, PREC)
+            z0 = _layer0(Kx, KQ, C0x, w0, D, H0, wz, DP, HP0, ACC, DOT, PREC) + \
+                (_nonfinite(Kx, 1) + _nonfinite(Qx, 1))[:, None]
             h0, z1, h1, z2, h2, z3, h3 = _hidden_fwd(
                 z0, w1, b1, w2, b2, w3, b3, a0, m0, v0, g0, e0, a1, m1, v1, g1, e1, a2, m2, v2, g2, e2,
                 a3, m3, v3, g3, e3, H0, H1, H2, H3, eps, wz, NA, ACT, HAS_G, HAS_BE, HP0, HP1, HP2, HP3,
@@ -849,7 +877,8 @@ def _stats_kernel(q_ptr, k_ptr, len_ptr, off_ptr, part_ptr,
             Kx = tl.load(k_ptr + (start + t)[:, None] * D + offs_d[None, :],
                          mask=t_ok[:, None] & d_ok[None, :], other=0).to(ACC)
             wz = (t0 >= n).to(tl.int32)  # 0; see _KEEP_IN_LOOP
-            z0 = _layer0(Kx, Kx * Qx, C0x, w0, D, H0, wz, DP, HP0, ACC, DOT, PREC)
+            z0 = _layer0(Kx, Kx * Qx, C0x, w0, D, H0, wz, DP, HP0, ACC, DOT, PREC) + \
+                (_nonfinite(Kx, 1) + _nonfinite(Qx, 1))[:, None]
             h0, z1, h1, z2, h2, z3, h3 = _hidden_fwd(
                 z0, w1, b1, w2, b2, w3, b3, a0, m0, v0, g0, e0, a1, m1, v1, g1, e1, a2, m2, v2, g2, e2,
                 a3, m3, v3, g3, e3, H0, H1, H2, H3, eps, wz, NA, ACT, HAS_G, HAS_BE, HP0, HP1, HP2, HP3,
@@ -894,7 +923,7 @@ def _finish_kernel(dc_ptr, q_ptr, w0, dq_ptr, part_ptr, BC, D, H0, rows_per_prog
     h_ok = offs_h < H0
     Wqd = _w0(w0, D, H0, 0, 0, DP, HP0, ACC) + _w0(w0, D, H0, 2, 0, DP, HP0, ACC)  # [HP0, DP]
     acc = tl.zeros([HP0, DP], ACC)
-    r_lo = pid * rows_per_prog
+    r_lo = pid.to(tl.int64) * rows_per_prog
     r_hi = tl.minimum(r_lo + rows_per_prog, BC)
     for r0 in range(r_lo, r_hi, BR):
         r = (r0 + offs_r).to(tl.int64)
@@ -966,6 +995,34 @@ def _deterministic(device) -> bool:
     return torch.are_deterministic_algorithms_enabled() or triton_interpret() or device.type != "cuda"
 
 
+# Value checks of lengths/offsets on CPU tensors (the interpreter), where reading them costs no
+# device sync: an error like the C++ kernels'. CUDA tensors are only clamped (_row_extent).
+_CHECK_CPU_VALUES = True
+
+
+def _check_rows(t, name, size, bound, jagged):
+    """Shape (any device) and, on CPU, values of ``lengths [B]`` (in [0, T]) or ``offsets [B + 1]``
+    (0, non-decreasing, N)."""
+    if t is None:
+        raise RuntimeError(f"attention_pooling: jagged keys [N, D] need {name}")
+    if t.dim() != 1 or t.shape[0] != size or t.dtype not in (torch.int32, torch.int64):
+        raise RuntimeError(f"attention_pooling: {name} must be int32/int64 of shape [{size}], got "
+                           f"{t.dtype} {tuple(t.shape)}")
+    if not _CHECK_CPU_VALUES or t.device.type != "cpu" or t.numel() == 0:
+        return
+    if not jagged:
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi > bound:
+            raise RuntimeError(f"attention_pooling: lengths must lie in [0, T={bound}], got values in "
+                               f"[{lo}, {hi}]")
+        return
+    if int(t[0]) != 0 or int(t[-1]) != bound:
+        raise RuntimeError(f"attention_pooling: offsets must start at 0 and end at N = keys.size(0) = "
+                           f"{bound}, got {int(t[0])} and {int(t[-1])}")
+    if bool((t[1:] < t[:-1]).any()):
+        raise RuntimeError("attention_pooling: offsets must be non-decreasing")
+
+
 class _Problem:
     """Shapes, layout and kernel arguments shared by the four launchers."""
 
@@ -987,12 +1044,20 @@ class _Problem:
             self.layout = 2
             self.T = 0
             self.len_t = self.k
-            self.off_t = offsets.contiguous()
             n_pos = keys.shape[0]
+            _check_rows(offsets, "offsets", self.B + 1, n_pos, jagged=True)
+            self.off_t = offsets.contiguous()
             typical = -(-n_pos // max(self.B, 1))
+            if n_pos > _MAX_ROW and self.B > 0 and int((self.off_t[1:] - self.off_t[:-1]).max()) > _MAX_ROW:
+                raise RuntimeError(f"din_ops.attention_pooling (Triton): a row longer than {_MAX_ROW} "
+                                   "positions is not supported")
         else:
             self.T = keys.shape[1]
+            if self.T > _MAX_ROW:
+                raise RuntimeError(f"din_ops.attention_pooling (Triton): T = {self.T} is above {_MAX_ROW}")
             self.layout = 0 if lengths is None else 1
+            if lengths is not None:
+                _check_rows(lengths, "lengths", self.B, self.T, jagged=False)
             self.len_t = self.k if lengths is None else lengths.contiguous()
             self.off_t = self.k
             typical = self.T
@@ -1054,7 +1119,8 @@ class _Problem:
 
     def dims(self):
         h = self.hd if self.n_act >= 1 else [self.H[0], 0, 0, 0]
-        return [self.T, self.C, self.D, h[0], h[1], h[2], h[3]]
+        # the kernels' T: for jagged keys N, the bound of the clamped offsets (_row_extent)
+        return [self.k.shape[0] if self.jagged else self.T, self.C, self.D, h[0], h[1], h[2], h[3]]
 
     def hp(self):
         return dict(HP0=self.HP[0], HP1=self.HP[1], HP2=self.HP[2], HP3=self.HP[3], HPL=self.HPL)
@@ -1096,6 +1162,12 @@ def _acc_torch(dtype):
 @register_triton("attention_pooling")
 def attention_pooling(query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var,
                       norm_weight, norm_bias, activation, normalization, scale, eps):
+    """The forward: ``(out, attn)``.
+
+    Out-of-range ``lengths``/``offsets`` in a direct ``torch.ops.din_ops`` call are clamped in
+    the kernels (memory-safe; results for such rows are unspecified), and on CPU tensors
+    rejected with a RuntimeError like the C++ kernels; the public ``din_ops`` functions reject
+    them with an error naming the argument."""
     pb = _Problem(query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var,
                   norm_weight, norm_bias, activation, len(weights) - 1, CONFIG.block_m, CONFIG.max_cb)
     out = torch.empty_like(pb.q)
@@ -1233,7 +1305,9 @@ def _backward(mode, grad_out, grad_attn, attn, grad_mean, grad_var, mean, query,
             dact.append(da.to(dtype))
         if pb.act == 4:
             su, sx = piece(14 + i, (pb.hd[i],)), piece(18 + i, (pb.hd[i],))
-            rstd = torch.rsqrt(norm_var[i].to(acc_t) + eps)
+            v = norm_var[i].to(acc_t)
+            # var -0.0: one valid pair, the kernels' rstd is 0 (see _act_params)
+            rstd = torch.where((v == 0) & torch.signbit(v), 0.0, torch.rsqrt(v + eps))
             gamma = norm_weight[i].to(acc_t) if len(norm_weight) else torch.ones_like(rstd)
             dmean.append((-gamma * rstd * su).to(norm_mean[i].dtype))
             dvar.append((-0.5 * gamma * rstd * rstd * sx).to(norm_var[i].dtype))
@@ -1255,7 +1329,7 @@ def _valid_count(pb, lengths, acc_t):
     elif lengths is None:
         n = float(pb.B * pb.T * pb.C)
     else:
-        return (lengths.sum() * pb.C).to(acc_t).reshape(1)
+        return (lengths.clamp(0, pb.T).sum() * pb.C).to(acc_t).reshape(1)  # as _row_extent counts
     return torch.full((1,), n, dtype=acc_t, device=pb.device)
 
 
@@ -1263,6 +1337,12 @@ def _valid_count(pb, lengths, acc_t):
 def attention_pooling_backward(grad_out, grad_attn, attn, query, keys, lengths, offsets, weights, biases,
                                act_weights, norm_mean, norm_var, norm_weight, norm_bias, activation,
                                normalization, scale, eps):
+    """Gradients of ``attention_pooling`` (see ``_backward``).
+
+    Out-of-range ``lengths``/``offsets`` in a direct ``torch.ops.din_ops`` call are clamped in
+    the kernels (memory-safe; results for such rows are unspecified), and on CPU tensors
+    rejected with a RuntimeError like the C++ kernels; the public ``din_ops`` functions reject
+    them with an error naming the argument."""
     return _backward(0, grad_out, grad_attn, attn, None, None, None, query, keys, lengths, offsets,
                      weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias,
                      activation, normalization, scale, eps)
@@ -1271,6 +1351,12 @@ def attention_pooling_backward(grad_out, grad_attn, attn, query, keys, lengths, 
 @register_triton("attention_pooling_stats")
 def attention_pooling_stats(query, keys, lengths, offsets, weights, biases, act_weights, norm_mean,
                             norm_var, norm_weight, norm_bias, activation, eps):
+    """Mean and variance over the valid pairs of a hidden layer's pre-activation.
+
+    Out-of-range ``lengths``/``offsets`` in a direct ``torch.ops.din_ops`` call are clamped in
+    the kernels (memory-safe; results for such rows are unspecified), and on CPU tensors
+    rejected with a RuntimeError like the C++ kernels; the public ``din_ops`` functions reject
+    them with an error naming the argument."""
     n_act = len(weights) - 1
     pb = _Problem(query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var,
                   norm_weight, norm_bias, activation, n_act, CONFIG.block_m, CONFIG.max_cb, backward=True)
@@ -1295,6 +1381,8 @@ def attention_pooling_stats(query, keys, lengths, offsets, weights, biases, act_
     mean = (n_i * mu_i).sum(0) / nsafe
     m2 = (m2_i + n_i * (mu_i - mean) ** 2).sum(0)
     var = m2 / nsafe
+    # -0.0 marks a batch of one valid pair for the consumers' rstd (_act_params); NaN stays NaN
+    var = torch.where((n == 1) & (var == 0), -0.0, var)
     return mean.to(acc_t), var.to(acc_t)
 
 
@@ -1302,6 +1390,12 @@ def attention_pooling_stats(query, keys, lengths, offsets, weights, biases, act_
 def attention_pooling_stats_backward(grad_mean, grad_var, mean, query, keys, lengths, offsets, weights,
                                      biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias,
                                      activation, eps):
+    """Gradients of ``attention_pooling_stats`` (see ``_backward``).
+
+    Out-of-range ``lengths``/``offsets`` in a direct ``torch.ops.din_ops`` call are clamped in
+    the kernels (memory-safe; results for such rows are unspecified), and on CPU tensors
+    rejected with a RuntimeError like the C++ kernels; the public ``din_ops`` functions reject
+    them with an error naming the argument."""
     return _backward(1, None, None, None, grad_mean, grad_var, mean, query, keys, lengths, offsets,
                      weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias,
                      activation, "none", 1.0, eps)

@@ -16,8 +16,9 @@ Backward, two reads of (x, grad_y):
   1. ``_bwd_reduce_kernel``: per part, sums over every row of ``g x (1 - p)`` (alpha),
      ``h = g x (1 - alpha) p (1 - p)`` (beta) and ``h xhat`` (gamma); ``_sum_parts_kernel``
      adds the parts in chunk order.
-  2. ``_bwd_dx_kernel``: ``dx = g (alpha + (1 - alpha) p) + h gamma rstd``, plus on valid rows in
-     training the terms through the batch statistics, ``-(gamma rstd / n) (S_h + xhat S_hx)``.
+  2. ``_bwd_dx_kernel``: ``dx = g (alpha + (1 - alpha) p) + gamma rstd (h - (S_h + xhat S_hx) / n)``,
+     the ``S`` terms (through the batch statistics) on valid rows in training only; ``gamma rstd``
+     scales after the cancellation, so one valid row gets exactly 0 there.
 Every reduction has a fixed shape and order (parts depend on R only), so runs are bitwise
 reproducible; no atomics.
 
@@ -63,7 +64,8 @@ def _row_valid(rows, R, T, len_ptr, HAS_LENGTHS: tl.constexpr):
     in_range = rows < R
     if HAS_LENGTHS:
         b = rows // T
-        n = tl.load(len_ptr + b, mask=in_range, other=0)
+        # clamped into [0, T]: a direct op call skips the host checks (memory-safe either way)
+        n = tl.minimum(tl.maximum(tl.load(len_ptr + b, mask=in_range, other=0).to(tl.int64), 0), T)
         return in_range & ((rows - b * T) < n)
     else:
         return in_range
@@ -72,9 +74,9 @@ def _row_valid(rows, R, T, len_ptr, HAS_LENGTHS: tl.constexpr):
 @triton.jit
 def _sigmoid_of(x, mu, rstd, ga, be):
     xh = (x - mu) * rstd  # subtract first: exact 0 for a single valid row
-    # |z| <= 88 keeps exp(-z) finite in fp32 (sigmoid(-88) ~ 6e-39 stands in for smaller values)
-    z = tl.minimum(tl.maximum(ga * xh + be, -88.0), 88.0)
-    p = 1.0 / (1.0 + tl.exp(-z))
+    # no clamp: exp(-z) = inf gives p = 0 exactly, and tl.minimum/maximum would turn NaN into a
+    # finite p on GPUs
+    p = 1.0 / (1.0 + tl.exp(-(ga * xh + be)))
     return xh, p
 
 
@@ -89,19 +91,21 @@ def _stats_kernel(x_ptr, len_ptr, cnt_ptr, mean_ptr, m2_ptr, R, C, T, tiles_per_
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     for i in range(0, tiles_per_part):
-        rows = (part * tiles_per_part + i) * BLOCK_R + tl.arange(0, BLOCK_R)
+        # int64 rows: R may pass 2^31 - BLOCK_R, R * C often does
+        rows = (part * tiles_per_part + i).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         valid = _row_valid(rows, R, T, len_ptr, HAS_LENGTHS)
         m = valid[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=m, other=0.0).to(ACC)
+        x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=m, other=0.0).to(ACC)
         nt = tl.sum(valid.to(ACC), axis=0)
         mt = tl.sum(x, axis=0) / tl.maximum(nt, 1.0)
         d = tl.where(m, x - mt[None, :], 0.0)
         m2t = tl.sum(d * d, axis=0)
-        # Chan's merge; an empty tile leaves the moments unchanged (f = 0)
+        # Chan's merge; an empty tile leaves the moments unchanged (f = 0). The mean is weighted,
+        # not mean + delta f: an inf mean stays inf (the reference's sum / n), not inf - inf
         total = n + nt
         f = nt / tl.maximum(total, 1.0)
         delta = mt - mean
-        mean = mean + delta * f
+        mean = mean * (n / tl.maximum(total, 1.0)) + mt * f
         m2 = m2 + m2t + delta * delta * n * f
         n = total
     out = part * C + cols
@@ -159,16 +163,17 @@ def _load_params(cols, cmask, mean_ptr, rstd_ptr, alpha_ptr, gamma_ptr, beta_ptr
 def _transform_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, alpha_ptr, gamma_ptr, beta_ptr, R, C,
                       HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     m = (rows < R)[:, None] & cmask[None, :]
     mu, rstd, al, ga, be = _load_params(cols, cmask, mean_ptr, rstd_ptr, alpha_ptr, gamma_ptr,
                                         beta_ptr, HAS_GAMMA, HAS_BETA, BLOCK_C, ACC)
-    off = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    off = rows[:, None] * C + cols[None, :]
     x = tl.load(x_ptr + off, mask=m, other=0.0).to(ACC)
     xh, p = _sigmoid_of(x, mu[None, :], rstd[None, :], ga[None, :], be[None, :])
-    y = x * (al[None, :] + (1.0 - al[None, :]) * p)
+    # p x + (1 - p) alpha x as p (x - alpha x) + alpha x: NaN at x = +-inf like the reference's
+    y = p * (x - al[None, :] * x) + al[None, :] * x
     tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -185,9 +190,9 @@ def _bwd_reduce_kernel(g_ptr, x_ptr, mean_ptr, rstd_ptr, alpha_ptr, gamma_ptr, b
     s_h = tl.zeros([BLOCK_C], dtype=ACC)
     s_hx = tl.zeros([BLOCK_C], dtype=ACC)
     for i in range(0, tiles_per_part):
-        rows = (part * tiles_per_part + i) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows = (part * tiles_per_part + i).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         m = (rows < R)[:, None] & cmask[None, :]
-        off = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        off = rows[:, None] * C + cols[None, :]
         # every row counts (padding too); masked elements load x = g = 0 and add nothing
         x = tl.load(x_ptr + off, mask=m, other=0.0).to(ACC)
         g = tl.load(g_ptr + off, mask=m, other=0.0).to(ACC)
@@ -221,29 +226,33 @@ def _bwd_dx_kernel(g_ptr, x_ptr, dx_ptr, len_ptr, mean_ptr, rstd_ptr, alpha_ptr,
                    beta_ptr, k1_ptr, k2_ptr, R, C, T, HAS_LENGTHS: tl.constexpr,
                    STAT_TERMS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     m = (rows < R)[:, None] & cmask[None, :]
     mu, rstd, al, ga, be = _load_params(cols, cmask, mean_ptr, rstd_ptr, alpha_ptr, gamma_ptr,
                                         beta_ptr, HAS_GAMMA, HAS_BETA, BLOCK_C, ACC)
-    off = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    off = rows[:, None] * C + cols[None, :]
     x = tl.load(x_ptr + off, mask=m, other=0.0).to(ACC)
     g = tl.load(g_ptr + off, mask=m, other=0.0).to(ACC)
     xh, p = _sigmoid_of(x, mu[None, :], rstd[None, :], ga[None, :], be[None, :])
     oma = 1.0 - al[None, :]
     h = g * x * oma * p * (1.0 - p)
-    dx = g * (al[None, :] + oma * p) + h * (ga * rstd)[None, :]
     if STAT_TERMS:
         # d(mean)/dx = 1/n and d(var)/dx = 2 (x - mean) / n reach the valid rows only
         valid = _row_valid(rows, R, T, len_ptr, HAS_LENGTHS)
         k1 = tl.load(k1_ptr + cols, mask=cmask, other=0.0).to(ACC)
         k2 = tl.load(k2_ptr + cols, mask=cmask, other=0.0).to(ACC)
-        dx += tl.where(valid[:, None], k1[None, :] + k2[None, :] * xh, 0.0)
+        h += tl.where(valid[:, None], k1[None, :] + k2[None, :] * xh, 0.0)
+    dx = g * (al[None, :] + oma * p) + h * (ga * rstd)[None, :]
     tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
 # --- launchers (the ops' signatures) ------------------------------------------------------------
+# Out-of-range lengths in a direct torch.ops call: an error on CPU tensors (like the C++ kernels),
+# clamped in the kernels on CUDA (_row_valid).
+_CHECK_CPU_VALUES = True
+
 def _rows(x):
     return x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[1]
 
@@ -257,6 +266,11 @@ def _check(x, lengths, alpha, gamma, beta, C):
             raise RuntimeError(f"dice: {name} must have shape [{C}], got {tuple(t.shape)}")
     if lengths is not None and (x.dim() != 3 or lengths.numel() != x.shape[0]):
         raise RuntimeError("dice: lengths must have shape [B] for x [B, T, C]")
+    # values only on CPU (the interpreter), where reading them costs no device sync
+    if lengths is not None and _CHECK_CPU_VALUES and lengths.device.type == "cpu" and lengths.numel():
+        lo, hi, T = int(lengths.min()), int(lengths.max()), x.shape[1]
+        if lo < 0 or hi > T:
+            raise RuntimeError(f"dice: lengths must lie in [0, T={T}], got values in [{lo}, {hi}]")
 
 
 def _params(x, alpha, gamma, beta):
@@ -266,6 +280,12 @@ def _params(x, alpha, gamma, beta):
 
 @register_triton("dice")
 def dice(x, lengths, alpha, gamma, beta, running_mean, running_var, training, eps):
+    """Dice forward: ``(y, mean, var)``, the statistics of this batch (training) or the running ones.
+
+    Out-of-range ``lengths`` in a direct ``torch.ops.din_ops`` call are clamped into [0, T] in the
+    kernels (memory-safe; results for such rows are unspecified), and on CPU tensors rejected
+    with a RuntimeError like the C++ kernels; ``din_ops.dice`` rejects them with an error naming
+    the argument."""
     C = x.shape[-1]
     _check(x, lengths, alpha, gamma, beta, C)
     R = _rows(x)
@@ -309,6 +329,12 @@ def dice(x, lengths, alpha, gamma, beta, running_mean, running_var, training, ep
 
 @register_triton("dice_backward")
 def dice_backward(grad_y, x, lengths, alpha, gamma, beta, mean, var, training, eps):
+    """Dice backward: ``(dx, dalpha, dgamma, dbeta)``.
+
+    Out-of-range ``lengths`` in a direct ``torch.ops.din_ops`` call are clamped into [0, T] in the
+    kernels (memory-safe; results for such rows are unspecified), and on CPU tensors rejected
+    with a RuntimeError like the C++ kernels; ``din_ops.dice`` rejects them with an error naming
+    the argument."""
     C = x.shape[-1]
     _check(x, lengths, alpha, gamma, beta, C)
     if mean.numel() != C or var.numel() != C or grad_y.shape != x.shape:
@@ -337,9 +363,11 @@ def dice_backward(grad_y, x, lengths, alpha, gamma, beta, mean, var, training, e
         s_h, s_hx = sums[C:2 * C], sums[2 * C:]
         if training:
             # n on the device: no host synchronization; n = 0 has no valid row to receive k1, k2
-            n = lengths.sum().to(acc) if lengths is not None else torch.full((), R, dtype=acc, device=x.device)
-            ga = gamma.to(acc) if has_g else torch.ones(C, dtype=acc, device=x.device)
-            f = -(ga * rstd) / n.clamp_min(1)
+            if lengths is not None:  # clamped as in _row_valid
+                n = lengths.clamp(0, x.shape[1]).sum().to(acc)
+            else:
+                n = torch.full((), R, dtype=acc, device=x.device)
+            f = -1.0 / n.clamp_min(1)  # gamma rstd is applied in the kernel, after h + k1
             k1, k2 = (f * s_h).contiguous(), (f * s_hx).contiguous()
         else:
             k1 = k2 = rstd

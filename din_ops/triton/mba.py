@@ -58,7 +58,7 @@ def _segment_grad(grad_ptr, perm_ptr, start, cnt, d0, D, offs_k, offs_d, dmask,
     for k0 in range(0, cnt, BLOCK_K):
         kk = k0 + offs_k
         kmask = kk < cnt
-        pos = tl.load(perm_ptr + start + kk, mask=kmask, other=0)
+        pos = tl.load(perm_ptr + start + kk, mask=kmask, other=0).to(tl.int64)  # M * D may pass 2^31
         g = tl.load(grad_ptr + pos[:, None] * D + (d0 + offs_d)[None, :],
                     mask=kmask[:, None] & dmask[None, :], other=0.0).to(ACC)
         acc += g
@@ -77,7 +77,7 @@ def _mba_pieces_kernel(grad_ptr, perm_ptr, piece_start_ptr, piece_cnt_ptr, parti
     for d0 in range(0, D, BLOCK_D):
         dmask = (d0 + offs_d) < D
         g = _segment_grad(grad_ptr, perm_ptr, start, cnt, d0, D, offs_k, offs_d, dmask, ACC, BLOCK_K, BLOCK_D)
-        tl.store(partial_ptr + p * D + d0 + offs_d, g, mask=dmask)
+        tl.store(partial_ptr + p.to(tl.int64) * D + d0 + offs_d, g, mask=dmask)
 
 
 @triton.jit
@@ -105,12 +105,13 @@ def _mba_update_kernel(weight_ptr, grad_ptr, state_ptr, freq_ptr, rows_ptr, star
     s_begin = pid * SEGS
     s_end = tl.minimum(s_begin + SEGS, U)
     for s in range(s_begin, s_end):
-        row = tl.load(rows_ptr + s)
+        row = tl.load(rows_ptr + s).to(tl.int64)  # num_embeddings * D may pass 2^31
         start = tl.load(starts_ptr + s)
         cnt = tl.load(counts_ptr + s)
         hot = tl.load(hot_ptr + s)
         # reference: n = freq[j].to(acc).clamp_min(1); lam / n
-        n = tl.maximum(tl.load(freq_ptr + row).to(ACC), 1.0)
+        n = tl.load(freq_ptr + row).to(ACC)
+        n = tl.where(n < 1.0, 1.0, n)  # keeps NaN as clamp_min does (tl.maximum drops it on GPUs)
         c = lam / n
         w_row = weight_ptr + row * D
         if ONE_CHUNK:
@@ -168,8 +169,9 @@ def _mba_penalty_rows_kernel(weight_ptr, freq_ptr, rows_ptr, out_ptr, U, D,
     pid = tl.program_id(0)
     offs_s = pid * BLOCK_S + tl.arange(0, BLOCK_S)
     smask = offs_s < U
-    rows = tl.load(rows_ptr + offs_s, mask=smask, other=0)
-    n = tl.maximum(tl.load(freq_ptr + rows, mask=smask, other=1).to(ACC), 1.0)
+    rows = tl.load(rows_ptr + offs_s, mask=smask, other=0).to(tl.int64)
+    n = tl.load(freq_ptr + rows, mask=smask, other=1).to(ACC)
+    n = tl.where(n < 1.0, 1.0, n)  # keeps NaN as clamp_min does
     offs_d = tl.arange(0, BLOCK_D)
     sq = tl.zeros([BLOCK_S], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
@@ -185,10 +187,11 @@ def _mba_penalty_backward_kernel(grad_ptr, weight_ptr, freq_ptr, rows_ptr, out_p
     pid = tl.program_id(0)
     offs_s = pid * BLOCK_S + tl.arange(0, BLOCK_S)
     smask = offs_s < U
-    rows = tl.load(rows_ptr + offs_s, mask=smask, other=0)
+    rows = tl.load(rows_ptr + offs_s, mask=smask, other=0).to(tl.int64)
     lam = tl.load(scalars_ptr + 1)
     gs = tl.load(grad_ptr).to(ACC)
-    n = tl.maximum(tl.load(freq_ptr + rows, mask=smask, other=1).to(ACC), 1.0)
+    n = tl.load(freq_ptr + rows, mask=smask, other=1).to(ACC)
+    n = tl.where(n < 1.0, 1.0, n)  # keeps NaN as clamp_min does
     # d/dw_j of (lam / 2) ||w_j||^2 / n_j = lam / n_j * w_j, times the incoming gradient
     c = (lam / n) * gs
     offs_d = tl.arange(0, BLOCK_D)
@@ -224,8 +227,10 @@ def _check_range(sorted_idx: torch.Tensor, N: int):
 
 
 def _check_freq(freq, N):
+    """Returns freq contiguous: the kernels index it as ``freq_ptr + row``."""
     if tuple(freq.shape) != (N,):
         raise RuntimeError(f"freq must have shape [{N}], got {tuple(freq.shape)}")
+    return freq.contiguous()
 
 
 def _distinct_rows(indices: torch.Tensor, N: int, padding_idx: Optional[int]):
@@ -245,7 +250,7 @@ def mba_sparse_update_triton(weight, indices, grad, freq, state, lr, lam, optimi
     M = indices.numel()
     if tuple(grad.shape) != (M, D):
         raise RuntimeError(f"grad must have shape [{M}, {D}], got {tuple(grad.shape)}")
-    _check_freq(freq, N)
+    freq = _check_freq(freq, N)
     if (optimizer == "sgd") != (state is None):
         raise RuntimeError("state must be None for 'sgd' and given for the Adagrad optimizers")
     if not weight.is_contiguous() or (state is not None and not state.is_contiguous()):
@@ -320,7 +325,7 @@ def _penalty_blocks(U: int, D: int, interpreted: bool):
 @register_triton("mba_penalty")
 def mba_penalty_triton(weight, indices, freq, lam, padding_idx):
     N, D = weight.shape
-    _check_freq(freq, N)
+    freq = _check_freq(freq, N)
     acc = _acc(weight.dtype)
     rows = _distinct_rows(indices, N, padding_idx) if indices.numel() else indices.new_empty(0, dtype=torch.int64)
     U = rows.numel()
@@ -338,7 +343,7 @@ def mba_penalty_triton(weight, indices, freq, lam, padding_idx):
 @register_triton("mba_penalty_backward")
 def mba_penalty_backward_triton(grad, weight, indices, freq, lam, padding_idx):
     N, D = weight.shape
-    _check_freq(freq, N)
+    freq = _check_freq(freq, N)
     if grad.numel() != 1:
         raise RuntimeError(f"grad must hold one value (the penalty is a scalar), got {tuple(grad.shape)}")
     out = torch.zeros_like(weight, memory_format=torch.contiguous_format)
