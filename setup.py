@@ -16,9 +16,10 @@ here = os.path.dirname(os.path.abspath(__file__))
 def extension():
     sources = ["csrc/din_ops.cpp", "csrc/python.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", "-std=c++20", "-Wall", "-Wno-unused-function"]
-    # The package is built from source where it runs, so tune for this CPU (the activation loops
-    # vectorize to its widest units); DIN_OPS_PORTABLE=1 builds for the baseline instead.
-    if os.environ.get("DIN_OPS_PORTABLE", "0") != "1":
+    # Baseline flags, so the binary runs on any x86-64: the kernels' hot loops are built again
+    # for AVX2 and AVX-512 and chosen at run time (csrc/cpu/common.h, cpu_isa). DIN_OPS_NATIVE=1
+    # tunes everything for the building CPU instead; that binary may not run on an older one.
+    if os.environ.get("DIN_OPS_NATIVE", "0") == "1":
         cxx += ["-march=native"]
     extra = {"cxx": cxx}
     # CUDA sources only where torch itself was built with CUDA: the CPU wheel cannot link them.

@@ -490,6 +490,41 @@ def test_blas_fallback_matches(tmp_path):
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_narrower_isa_matches_reference(isa):
+    """The baseline and AVX2 builds of the kernels' loops (DIN_OPS_CPU_ISA caps the run-time
+    choice) match the reference, float32 and float64, so they stay tested on a wide CPU."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent("""
+        import sys, torch, din_ops
+        sys.path.insert(0, %r)
+        import test_attention_pooling as t
+        from din_ops import reference as R
+        for act in ["sigmoid", "relu", "prelu", "dice", "dice_eval"]:
+            for layout in ["padded", "jagged"]:
+                for norm in ["none", "softmax"]:
+                    q, k, lengths, W, b, kw, params = t.make_case(B=6, T=9, D=7, hidden=(11, 5), C=2, act=act)
+                    rows = dict(lengths=lengths)
+                    if layout == "jagged":
+                        k, offsets = t.to_jagged(k, lengths)
+                        rows = dict(offsets=offsets)
+                    want = t.run(R.attention_pooling, q, k, W, b, kw, params, normalization=norm, act=act, **rows)
+                    got = t.run(din_ops.attention_pooling, q, k, W, b, kw, params, normalization=norm, act=act,
+                                **rows)
+                    t.assert_close_all(got, want, rtol=1e-10, atol=1e-10)
+                    f32 = lambda ts: [x.float() for x in ts]
+                    kw32 = {n: f32(v) if isinstance(v, list) else v for n, v in kw.items()}
+                    got = t.run(din_ops.attention_pooling, q.float(), k.float(), f32(W), f32(b), kw32,
+                                f32(params), normalization=norm, act=act, **rows)
+                    t.assert_close_all(got, want, rtol=1e-5, atol=1e-5)
+    """) % os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, DIN_OPS_CPU_ISA=isa)
+    subprocess.run([sys.executable, "-c", script], check=True, env=env)
+
+
 def test_torch_compile_inductor():
     """The default backend (Inductor) compiles the module around the op, forward and backward."""
     torch.manual_seed(0)

@@ -86,6 +86,18 @@ inline void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
   gemm_rm_loops(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
+// GCC's `#pragma GCC target` builds the kernels' loops once per x86 instruction set in one
+// binary; other compilers get the baseline build only.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DIN_OPS_MULTI_ISA 1
+#endif
+
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+// The widest instruction set the CPU (and OS) runs, checked once; DIN_OPS_CPU_ISA=base (or
+// baseline) | avx2 | avx512 caps it, so the narrower builds can be tested on a wide CPU.
+Isa cpu_isa();
+
 // Splits items [0, n) with the given per-item work into at most max_parts contiguous ranges
 // of about equal work. The split depends on the data only, never on the thread count, so
 // per-range partial sums reduced in range order are bitwise reproducible.

@@ -39,8 +39,7 @@ struct Coef {
 #include "dice_kernels.h"
 #undef DICE_ISA
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DICE_MULTI_ISA 1
+#ifdef DIN_OPS_MULTI_ISA
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define DICE_ISA isa_avx2
@@ -61,30 +60,6 @@ constexpr int64_t kBlockRows = 64;
 // Number of reduction parts: a constant (not the thread count) keeps the summation order fixed.
 constexpr int64_t kMaxParts = 64;
 
-enum class Isa { kBase, kAvx2, kAvx512 };
-
-// The widest instruction set the CPU runs; DIN_OPS_CPU_ISA=base|avx2|avx512 caps it (testing).
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    Isa best = Isa::kBase;
-#ifdef DICE_MULTI_ISA
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
-    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512dq"))
-      best = Isa::kAvx512;
-#endif
-    if (const char* cap = std::getenv("DIN_OPS_CPU_ISA")) {
-      const std::string s(cap);
-      if (s == "base") best = Isa::kBase;
-      if (s == "avx2" && best == Isa::kAvx512) best = Isa::kAvx2;
-    }
-    return best;
-  }();
-  return isa;
-}
-
 template <typename S, typename A>
 struct RowKernels {
   decltype(&isa_base::block_moments<S, A>) moments;
@@ -95,7 +70,7 @@ struct RowKernels {
 
 template <typename S, typename A>
 RowKernels<S, A> row_kernels() {
-#ifdef DICE_MULTI_ISA
+#ifdef DIN_OPS_MULTI_ISA
   switch (cpu_isa()) {
     case Isa::kAvx512:
       return {isa_avx512::block_moments<S, A>, isa_avx512::transform_rows<S, A>,

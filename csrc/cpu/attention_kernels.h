@@ -1,0 +1,395 @@
+// Compute loops of the attention-pooling CPU kernels, included by attention_pooling.cpp once
+// per instruction set inside `namespace AP_ISA` under a matching `#pragma GCC target` (as
+// dice_kernels.h), so one portable binary carries AVX-512, AVX2 and baseline builds of them.
+// Only the kernel's own internal-linkage code lives here: headers are included before the
+// pragma, so no inline library function is compiled for a wider unit than the baseline.
+// No include guard on purpose.
+
+namespace AP_ISA {
+
+// exp for float: Cody-Waite range reduction + degree-6 polynomial, branch-free so loops over
+// it vectorize (relative error ~2e-7). Double keeps std::exp: float64 results are compared at 1e-10.
+// The plain clamp turns NaN into -87; KeepNaN clamps |x| <= 88 (exp(-88) flushes to 0) as an
+// unsigned min on the bits that lets NaN, whose bits lie above inf's, through to the polynomial,
+// which then gives NaN as std::exp does. It costs ~10% more per sigmoid, so only tiles where a
+// NaN can occur take it (Workspace::keep_nan).
+template <bool KeepNaN>
+inline float fast_exp(float x) {
+  if constexpr (KeepNaN) {
+    uint32_t b;
+    std::memcpy(&b, &x, sizeof(b));
+    const uint32_t mag = b & 0x7FFFFFFFu;
+    b = (mag <= 0x42B00000u || mag > 0x7F800000u ? mag : 0x42B00000u) | (b & 0x80000000u);
+    std::memcpy(&x, &b, sizeof(x));
+  } else {
+    x = std::min(88.0f, std::max(-87.0f, x));
+  }
+  // round to nearest by adding 1.5 * 2^23 (vectorizes, unlike nearbyint)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187045e-06f;
+  float p = 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+template <bool KeepNaN>
+inline double fast_exp(double x) {
+  return std::exp(x);
+}
+
+template <bool KeepNaN, typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + fast_exp<KeepNaN>(-x));
+}
+
+// Folded layer 0 for one (row, candidate): Abc = (Wk - Wd) + Wp diag(q), cbc = (Wq + Wd) q + b0.
+template <typename T>
+void fold_layer0(const Mlp<T>& m, const T* __restrict q, T* __restrict Abc, T* __restrict cbc) {
+  const int64_t H0 = m.H[0], D = m.D;
+  const T* Wkd = m.Wkd.template data_ptr<T>();
+  for (int64_t h = 0; h < H0; ++h) {
+    const T* __restrict wp = m.Wp + h * 4 * D;
+    const T* __restrict wkd = Wkd + h * D;
+    T* __restrict a = Abc + h * D;
+    for (int64_t d = 0; d < D; ++d) a[d] = wkd[d] + wp[d] * q[d];
+  }
+  if (cbc == nullptr) return;
+  // cbc = b0 + (Wq + Wd) q, accumulated over d with h innermost so it vectorizes
+  const T* __restrict WqdT = m.WqdT.template data_ptr<T>();
+  std::memcpy(cbc, m.bias(0), H0 * sizeof(T));
+  for (int64_t d = 0; d < D; ++d) {
+    const T qd = q[d];
+    const T* __restrict w = WqdT + d * H0;
+    for (int64_t h = 0; h < H0; ++h) cbc[h] += w[h] * qd;
+  }
+}
+
+template <typename T>
+void activate(const Mlp<T>& m, int64_t l, const T* z, T* a, int64_t M, bool keep_nan) {
+  const int64_t H = m.H[l];
+  const int64_t n = M * H;
+  switch (m.act) {
+    case Act::Sigmoid:
+      if (keep_nan) {
+        for (int64_t i = 0; i < n; ++i) a[i] = sigmoid<true>(z[i]);
+      } else {
+        for (int64_t i = 0; i < n; ++i) a[i] = sigmoid<false>(z[i]);
+      }
+      break;
+    case Act::ReLU:
+      for (int64_t i = 0; i < n; ++i) a[i] = z[i] < T(0) ? T(0) : z[i];  // NaN stays NaN, as torch.relu
+      break;
+    case Act::Identity:
+      std::memcpy(a, z, n * sizeof(T));
+      break;
+    case Act::PReLU: {
+      const T* al = m.alpha[l].template data_ptr<T>();
+      const int64_t as = m.alpha_stride[l];
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t h = 0; h < H; ++h) {
+          const T v = z[i * H + h];
+          a[i * H + h] = v >= T(0) ? v : al[h * as] * v;
+        }
+      break;
+    }
+    case Act::Dice: {
+      const T* al = m.alpha[l].template data_ptr<T>();
+      const T* mu = m.mean[l].template data_ptr<T>();
+      const T* va = m.var[l].template data_ptr<T>();
+      const T* ga = m.gamma[l].template data_ptr<T>();
+      const T* be = m.beta[l].template data_ptr<T>();
+      std::vector<T> k1(H), k0(H);  // y = k1 * z + k0: the normalization folded into one affine map
+      for (int64_t h = 0; h < H; ++h) {
+        const T rstd = dice_rstd(va[h], m.eps);
+        k1[h] = ga[h] * rstd;
+        k0[h] = be[h] - ga[h] * rstd * mu[h];
+      }
+      auto rows = [&](auto keep_nan_t) {
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t h = 0; h < H; ++h) {
+            const T v = z[i * H + h];
+            const T p = sigmoid<decltype(keep_nan_t)::value>(k1[h] * v + k0[h]);
+            // p v + (1 - p) alpha v as p (v - alpha v) + alpha v: NaN at v = +-inf like the reference's
+            a[i * H + h] = p * (v - al[h] * v) + al[h] * v;
+          }
+      };
+      keep_nan ? rows(std::true_type{}) : rows(std::false_type{});
+      break;
+    }
+  }
+}
+
+// Gradient through the activation of layer l: dz = dA * f'(z), accumulating the activation's
+// parameter gradients into g (per-range buffer).
+template <typename T>
+void activate_backward(const Mlp<T>& m, const GradLayout& lay, int64_t l, const T* z, const T* a,
+                       const T* dA, T* dz, int64_t M, T* g, bool keep_nan) {
+  const int64_t H = m.H[l];
+  const int64_t n = M * H;
+  switch (m.act) {
+    case Act::Sigmoid:
+      for (int64_t i = 0; i < n; ++i) dz[i] = dA[i] * a[i] * (T(1) - a[i]);
+      break;
+    case Act::ReLU:
+      for (int64_t i = 0; i < n; ++i) dz[i] = z[i] <= T(0) ? T(0) : dA[i];  // torch passes dA at NaN
+      break;
+    case Act::Identity:
+      std::memcpy(dz, dA, n * sizeof(T));
+      break;
+    case Act::PReLU: {
+      const T* al = m.alpha[l].template data_ptr<T>();
+      const int64_t as = m.alpha_stride[l];
+      T* ga = g + lay.alpha[l];
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t h = 0; h < H; ++h) {
+          // torch.where(v >= 0, v, a * v) as autograd sees it: both branches get a gradient,
+          // so a NaN alpha (or an inf v) poisons as in the reference
+          const T v = z[i * H + h], d = dA[i * H + h];
+          const bool pos = v >= T(0);
+          const T dneg = pos ? T(0) : d;
+          dz[i * H + h] = (pos ? d : T(0)) + al[h * as] * dneg;
+          ga[h * as] += dneg * v;
+        }
+      break;
+    }
+    case Act::Dice: {
+      const T* al = m.alpha[l].template data_ptr<T>();
+      const T* mu = m.mean[l].template data_ptr<T>();
+      const T* va = m.var[l].template data_ptr<T>();
+      const T* gm = m.gamma[l].template data_ptr<T>();
+      const T* be = m.beta[l].template data_ptr<T>();
+      T* g_alpha = g + lay.alpha[l];
+      T* g_mean = g + lay.mean[l];
+      T* g_var = g + lay.var[l];
+      T* g_gamma = g + lay.gamma[l];
+      T* g_beta = g + lay.beta[l];
+      std::vector<T> rstd(H);
+      for (int64_t h = 0; h < H; ++h) rstd[h] = dice_rstd(va[h], m.eps);
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t h = 0; h < H; ++h) {
+          const T v = z[i * H + h], d = dA[i * H + h];
+          const T xhat = (v - mu[h]) * rstd[h];
+          const T p = keep_nan ? sigmoid<true>(gm[h] * xhat + be[h]) : sigmoid<false>(gm[h] * xhat + be[h]);
+          const T u = d * v * (T(1) - al[h]) * p * (T(1) - p);  // dL/dy, y the sigmoid's input
+          dz[i * H + h] = d * (al[h] + (T(1) - al[h]) * p) + u * gm[h] * rstd[h];
+          g_alpha[h] += d * v * (T(1) - p);
+          g_gamma[h] += u * xhat;
+          g_beta[h] += u;
+          g_mean[h] -= u * gm[h] * rstd[h];
+          g_var[h] -= T(0.5) * u * gm[h] * xhat * rstd[h] * rstd[h];
+        }
+      break;
+    }
+  }
+}
+
+// NaN in layer 0 for the positions of a segment whose q or k_t holds an inf or a NaN; whether
+// there was one. Out of line: it runs only when some z[t, 0] is not finite.
+template <typename T>
+__attribute__((noinline, cold)) bool nan_for_nonfinite_inputs(const T* q, const T* k, int64_t n, int64_t D, T* z,
+                                                            int64_t H0) {
+  const bool bad_q = has_nonfinite(q, D);
+  bool any = false;
+  for (int64_t i = 0; i < n; ++i)
+    if (bad_q || has_nonfinite(k + i * D, D)) {
+      std::fill(z + i * H0, z + (i + 1) * H0, std::numeric_limits<T>::quiet_NaN());
+      any = true;
+    }
+  return any;
+}
+
+// Forward through the tile: Z[l] for every layer, A[l] for every layer but the last.
+template <typename T>
+void tile_forward(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace<T>& ws) {
+  const int64_t D = m.D, H0 = m.H[0];
+  T* Z0 = ws.Z[0].data();
+  ws.keep_nan = m.nonfinite;
+  for (const Segment& s : ws.segs) {
+    const T* q = in.q + (s.b * r.C + s.c) * D;
+    fold_layer0(m, q, ws.Abc.data(), ws.cbc.data());
+    T* z = Z0 + s.off * H0;
+    const T* k = in.k + (r.start[s.b] + s.t0) * D;
+    for (int64_t i = 0; i < s.n; ++i) std::memcpy(z + i * H0, ws.cbc.data(), H0 * sizeof(T));
+    gemm_rm<T>(false, true, s.n, H0, D, T(1), k, D, ws.Abc.data(), D, T(1), z, H0);
+    // An inf in q or k_t makes the reference's [q, k, q - k, q * k] layer NaN (inf - inf) for
+    // weights of mixed sign, where the folded form gives +-inf: NaN for the whole position. Any
+    // inf or NaN of q or k_t reaches z[t, 0] (0 * inf is NaN), so one value per position says
+    // whether to look at its inputs.
+    int bad = 0;
+    for (int64_t i = 0; i < s.n; ++i) bad |= !(z[i * H0] - z[i * H0] == T(0));
+    if (bad) ws.keep_nan |= nan_for_nonfinite_inputs(q, k, s.n, D, z, H0);
+  }
+  const int64_t M = ws.M;
+  for (int64_t l = 0; l < m.L; ++l) {
+    if (l > 0) {
+      const int64_t H = m.H[l], Hin = m.fan_in[l];
+      T* z = ws.Z[l].data();
+      const T* bl = m.bias(l);
+      for (int64_t i = 0; i < M; ++i) std::memcpy(z + i * H, bl, H * sizeof(T));
+      gemm_rm<T>(false, true, M, H, Hin, T(1), ws.A[l - 1].data(), Hin, m.w(l), Hin, T(1), z, H);
+    }
+    if (l + 1 < m.L) activate(m, l, ws.Z[l].data(), ws.A[l].data(), M, ws.keep_nan);
+  }
+}
+
+// Backward through the tile, given dZ of the last layer in ws.dZ. Accumulates weight
+// gradients into g, key gradients into gk ([P, D]) and query gradients into gq ([B*C, D]).
+template <typename T>
+void tile_backward(const Mlp<T>& m, const GradLayout& lay, const Rows& r, const Inputs<T>& in,
+                   Workspace<T>& ws, T* g, T* gk, T* gq) {
+  const int64_t M = ws.M, D = m.D;
+  T* dz = ws.dZ.data();
+  T* dprev = ws.dZprev.data();
+  for (int64_t l = m.L - 1; l >= 1; --l) {
+    const int64_t H = m.H[l], Hin = m.fan_in[l];
+    // dW_l += dZ_l^T A_{l-1}; db_l += sum_i dZ_l; dA_{l-1} = dZ_l W_l
+    gemm_rm<T>(true, false, H, Hin, M, T(1), dz, H, ws.A[l - 1].data(), Hin, T(1), g + lay.W[l], Hin);
+    T* gb = g + lay.b[l];
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t h = 0; h < H; ++h) gb[h] += dz[i * H + h];
+    gemm_rm<T>(false, false, M, Hin, H, T(1), dz, H, m.w(l), Hin, T(0), dprev, Hin);
+    activate_backward(m, lay, l - 1, ws.Z[l - 1].data(), ws.A[l - 1].data(), dprev, dz, M, g, ws.keep_nan);
+  }
+  // Layer 0, folded: z = Abc k + cbc.
+  const int64_t H0 = m.H[0];
+  T* gW0 = g + lay.W[0];
+  T* gb0 = g + lay.b[0];
+  const T* Wqd = m.Wqd.template data_ptr<T>();
+  for (const Segment& s : ws.segs) {
+    const T* q = in.q + (s.b * r.C + s.c) * D;
+    fold_layer0<T>(m, q, ws.Abc.data(), nullptr);
+    const T* dzs = dz + s.off * H0;
+    const int64_t p0 = r.start[s.b] + s.t0;
+    // dk += dz Abc; dAbc = dz^T k; dc = sum dz
+    gemm_rm<T>(false, false, s.n, D, H0, T(1), dzs, H0, ws.Abc.data(), D, T(1), gk + p0 * D, D);
+    gemm_rm<T>(true, false, H0, D, s.n, T(1), dzs, H0, in.k + p0 * D, D, T(0), ws.dA0.data(), D);
+    T* dc = ws.dc0.data();
+    std::fill(dc, dc + H0, T(0));
+    for (int64_t i = 0; i < s.n; ++i)
+      for (int64_t h = 0; h < H0; ++h) dc[h] += dzs[i * H0 + h];
+    T* __restrict dq = gq + (s.b * r.C + s.c) * D;
+    for (int64_t h = 0; h < H0; ++h) {
+      const T* __restrict dA = ws.dA0.data() + h * D;
+      const T* __restrict wp = m.Wp + h * 4 * D;
+      const T* __restrict wqd = Wqd + h * D;
+      T* __restrict gq_ = gW0 + h * 4 * D;  // column blocks of W0: q, k, q - k, q * k
+      T* __restrict gk_ = gq_ + D;
+      T* __restrict gd_ = gq_ + 2 * D;
+      T* __restrict gp_ = gq_ + 3 * D;
+      const T ch = dc[h];
+#pragma GCC ivdep
+      for (int64_t d = 0; d < D; ++d) {
+        const T cq = ch * q[d];
+        gq_[d] += cq;
+        gk_[d] += dA[d];
+        gd_[d] += cq - dA[d];
+        gp_[d] += dA[d] * q[d];
+        dq[d] += dA[d] * wp[d] + wqd[d] * ch;
+      }
+      gb0[h] += ch;
+    }
+  }
+}
+
+// Softmax (when asked) of the scores of rows [rb, rb + ...) and the attention-weighted sum of
+// their keys into out.
+template <typename T>
+void pool_forward(const Rows& r, const Inputs<T>& in, bool softmax, int64_t rb, int64_t re, T* attn, T* out) {
+  const int64_t D = r.D;
+  for (int64_t b = rb; b < re; ++b) {
+    const int64_t n = r.len[b];
+    const T* k = in.k + r.start[b] * D;
+    for (int64_t c = 0; c < r.C; ++c) {
+      T* a = attn + r.start[b] * r.C + c * r.sC;
+      if (softmax && n > 0) {
+        T mx = a[0];
+        for (int64_t t = 1; t < n; ++t) mx = std::max(mx, a[t * r.sT]);
+        T sum = 0;
+        for (int64_t t = 0; t < n; ++t) {
+          const T e = std::exp(a[t * r.sT] - mx);
+          a[t * r.sT] = e;
+          sum += e;
+        }
+        const T inv = T(1) / sum;
+        for (int64_t t = 0; t < n; ++t) a[t * r.sT] *= inv;
+      }
+      T* o = out + (b * r.C + c) * D;
+      for (int64_t t = 0; t < n; ++t) {
+        const T wt = a[t * r.sT];
+        const T* kt = k + t * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += wt * kt[d];
+      }
+    }
+  }
+}
+
+// Backward of pooling and normalization for rows [rb, re): dL/ds of every valid pair into pds,
+// the pooling's share of dk into pgk (padding rows zeroed).
+template <typename T>
+void pool_backward(const Rows& r, const Inputs<T>& in, bool softmax, T sc, const T* pw, const T* pga, const T* pgo,
+                   int64_t rb, int64_t re, T* pds, T* pgk) {
+  const int64_t D = r.D;
+  for (int64_t b = rb; b < re; ++b) {
+    const int64_t n = r.len[b];
+    const T* k = in.k + r.start[b] * D;
+    T* dk = pgk + r.start[b] * D;
+    for (int64_t c = 0; c < r.C; ++c) {
+      const int64_t base = r.start[b] * r.C + c * r.sC;
+      const T* g = pgo + (b * r.C + c) * D;
+      T dot_sum = 0;
+      for (int64_t t = 0; t < n; ++t) {
+        const T* kt = k + t * D;
+        T dw = pga ? pga[base + t * r.sT] : T(0);
+        for (int64_t d = 0; d < D; ++d) dw += g[d] * kt[d];
+        pds[base + t * r.sT] = dw;
+        dot_sum += pw[base + t * r.sT] * dw;
+        const T wt = pw[base + t * r.sT];
+        T* dkt = dk + t * D;
+        if (c == 0) {
+          for (int64_t d = 0; d < D; ++d) dkt[d] = wt * g[d];
+        } else {
+          for (int64_t d = 0; d < D; ++d) dkt[d] += wt * g[d];
+        }
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        T& v = pds[base + t * r.sT];
+        v = softmax ? pw[base + t * r.sT] * (v - dot_sum) * sc : v * sc;
+      }
+    }
+    // key rows not written above: the padding (and everything when C == 0)
+    const int64_t written = r.C > 0 ? n : 0;
+    std::fill(dk + written * D, dk + (r.jagged ? n : r.T) * D, T(0));
+  }
+}
+
+// Per-channel mean and M2 of a tile's last-layer pre-activations z [M, H].
+template <typename T>
+void tile_moments(const T* z, int64_t M, int64_t H, T* tmean, T* tm2) {
+  std::fill(tmean, tmean + H, T(0));
+  std::fill(tm2, tm2 + H, T(0));
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t h = 0; h < H; ++h) tmean[h] += z[i * H + h];
+  for (int64_t h = 0; h < H; ++h) tmean[h] /= T(M);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t h = 0; h < H; ++h) {
+      const T dv = z[i * H + h] - tmean[h];
+      tm2[h] += dv * dv;
+    }
+}
+
+// d mean / dz = 1/n, d var / dz = 2 (z - mean) / n
+template <typename T>
+void stats_dz(const T* z, int64_t M, int64_t H, const T* pgm, const T* pgv, const T* pmu, T n, T* dz) {
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t h = 0; h < H; ++h) dz[i * H + h] = (pgm[h] + T(2) * pgv[h] * (z[i * H + h] - pmu[h])) / n;
+}
+
+}  // namespace AP_ISA
