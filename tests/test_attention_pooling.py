@@ -153,6 +153,54 @@ def test_half_precision(dtype, tol, normalization):
         torch.testing.assert_close(a.double(), w, rtol=tol, atol=tol * scale)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 8e-2), (torch.float16, 2e-2)])
+@pytest.mark.parametrize("hidden", [(33, 17), (40, 16, 8)])
+def test_half_precision_matrix_unit(dtype, tol, hidden):
+    """bf16/fp16 products with float accumulation on the matrix unit where the CPU has one (AMX
+    through oneDNN's brgemm; elsewhere in float): layers of 16+ outputs, odd fan-ins (the VNNI
+    padding), output blocks past 32 columns, tile tails, long and short rows."""
+    lengths = torch.tensor([0, 1, 3, 70, 2, 45, 5, 1, 64, 9, 33])
+    q, k, _, W, b, kw, params = make_case(B=11, T=70, D=9, hidden=hidden, dtype=dtype, lengths=lengths)
+    for normalization in ["none", "softmax"]:
+        got = run(din_ops.attention_pooling, q, k, W, b, kw, params, lengths=lengths, normalization=normalization)
+        up = lambda ts: [t.double() for t in ts]  # noqa: E731
+        want = run(R.attention_pooling, q.double(), k.double(), up(W), up(b), kw, up(params), lengths=lengths,
+                   normalization=normalization)
+        for a, w in zip(got, want):
+            assert a.dtype == dtype
+            scale = max(1.0, float(w.abs().max())) if w.numel() else 1.0
+            torch.testing.assert_close(a.double(), w, rtol=tol, atol=tol * scale)
+
+
+# Layer 0 takes the folded form on tiles of long runs and the unfolded one on tiles of short
+# runs (kFoldMinLen = 32 in attention_pooling.cpp); the forward splits one row's candidates and
+# positions over several work ranges once a call is large enough.
+LAYER0_CASES = {
+    "long": dict(B=3, T=90, C=None, lengths=[90, 70, 41]),
+    "short": dict(B=40, T=4, C=None, lengths=None),
+    "mixed": dict(B=8, T=80, C=2, lengths=[1, 80, 2, 64, 0, 3, 77, 1]),
+    "one_user": dict(B=1, T=300, C=80, lengths=[300]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYER0_CASES))
+@pytest.mark.parametrize("act", ["sigmoid", "prelu", "dice"])
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_layer0_forms_and_work_split_match_reference(case, act, layout):
+    c = LAYER0_CASES[case]
+    lengths = None if c["lengths"] is None else torch.tensor(c["lengths"])
+    q, k, lengths, W, b, kw, params = make_case(B=c["B"], T=c["T"], D=7, hidden=(11, 5), C=c["C"], act=act,
+                                                lengths=lengths)
+    rows = dict(lengths=lengths)
+    if layout == "jagged":
+        k, offsets = to_jagged(k, lengths)
+        rows = dict(offsets=offsets)
+    for normalization in ["none", "softmax"]:
+        want = run(R.attention_pooling, q, k, W, b, kw, params, normalization=normalization, act=act, **rows)
+        got = run(din_ops.attention_pooling, q, k, W, b, kw, params, normalization=normalization, act=act, **rows)
+        assert_close_all(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_padded_and_jagged_identical():
     q, k, lengths, W, b, kw, params = make_case(B=9, T=13, D=6, hidden=(10, 4), dtype=torch.float32)
     kj, offsets = to_jagged(k, lengths)
@@ -520,6 +568,8 @@ def test_narrower_isa_matches_reference(isa):
                     got = t.run(din_ops.attention_pooling, q.float(), k.float(), f32(W), f32(b), kw32,
                                 f32(params), normalization=norm, act=act, **rows)
                     t.assert_close_all(got, want, rtol=1e-5, atol=1e-5)
+        # bf16 with float products (the matrix-unit path is off below the wide units)
+        t.test_half_precision_matrix_unit(torch.bfloat16, 8e-2, (33, 17))
     """) % os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, DIN_OPS_CPU_ISA=isa)
     subprocess.run([sys.executable, "-c", script], check=True, env=env)

@@ -3,15 +3,20 @@
 The tiny preset leaves out the ``compile`` provider (torch.compile's first compilation alone
 takes 10+ s on a CPU); the default run covers it. Timing figures are not checked, only that the
 run completes, every row passed the correctness check, and the outputs are there and well formed.
+It also holds a serving point (one user, C=5 candidates, inference only) and an attention case in
+bf16; :func:`test_attention_candidates_match_reference` checks the candidate (``query [B, C, D]``)
+path of every provider but ``compile`` directly.
 """
 import csv
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from din_ops.bench.runner import CSV_COLUMNS
+from din_ops.bench import attention_pooling as A
+from din_ops.bench.runner import CSV_COLUMNS, PRESETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,14 +48,59 @@ def test_bench_tiny_preset(tmp_path):
                       ("dice", ("inference", "fwd", "fwd+bwd")), ("mba_update", ("sgd", "adagrad_rowwise"))):
         for provider in ("eager", "din_ops"):
             for mode in modes:
-                sel = [r for r in timed if (r["op"], r["provider"], r["mode"]) == (op, provider, mode)]
+                sel = [r for r in timed if (r["op"], r["provider"], r["mode"], r["sweep"], r["dtype"])
+                       == (op, provider, mode, "T", "fp32")]
                 assert len(sel) == 2, (op, provider, mode)  # the tiny preset's two values of T
                 if mode in ("fwd+bwd", "sgd", "adagrad_rowwise"):
                     assert all(int(r["peak_mem_bytes"]) > 0 for r in sel), (op, provider, mode)
     att = [r for r in timed if r["op"] == "attention_pooling"]
     assert {r["provider"] for r in att} == {"eager", "careful", "din_ops"}
     assert all(float(r["speedup_vs_eager"]) > 0 for r in att)
+    # the serving point: C in the CSV and the shape, inference only, every provider timed
+    serving = [r for r in att if r["sweep"] == "serving"]
+    assert {r["provider"] for r in serving} == {"eager", "careful", "din_ops"}
+    assert {r["mode"] for r in serving} == {"inference"}
+    assert all(r["C"] == "5" and r["B"] == "1" and " C=5 " in r["shape"] for r in serving)
+    assert not [r for r in att if r["sweep"] != "serving" and r["C"]]
+    # attention in bf16 (inference and fwd+bwd), checked with the bf16 tolerance
+    bf16 = [r for r in att if r["dtype"] == "bf16"]
+    assert {(r["provider"], r["mode"]) for r in bf16} == {
+        (p, m) for p in ("eager", "careful", "din_ops") for m in ("inference", "fwd+bwd")}
+    assert all(float(r["check_tol"]) == 1e-1 for r in bf16)
+    summary = (tmp_path / "cpu_summary.md").read_text()
+    for title in ("## serving:", "## sweep: attention inference bf16", "## bf16:"):
+        assert title in summary, title
 
     png = tmp_path / "cpu_speedup.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "cpu_summary.md").read_text().startswith("# din_ops benchmark")
+
+
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+def test_attention_candidates_match_reference(normalization):
+    """query [B, C, D]: din_ops directly, eager and careful on the history expanded to B*C rows,
+    all against din_ops/reference.py (float64, inference and fwd+bwd: output and every gradient)."""
+    bench = A.BENCH
+    shape = dict(B=2, C=3, T=7, D=5, hidden=(6, 4), normalization=normalization)
+    case = bench.make_case(shape, torch.float64, "cpu", seed=3)
+    assert case.query.shape == (2, 3, 5) and case.grad_out.shape == (2, 3, 5)
+    assert bench.shape_dict(case)["C"] == 3 and " C=3 " in bench.shape_str(case)
+    for provider in ("eager", "careful", "din_ops"):
+        for mode in ("inference", "fwd+bwd"):
+            err, tol = bench.check(provider, case, mode)
+            assert err <= tol, (provider, mode, err)
+    # the expanded formulation is C independent rows: row (b, c) equals a plain case's row
+    plain = A.Case(query=case.query[:, 1].detach(), keys=case.keys.detach(), lengths=case.lengths,
+                   weights=case.weights, biases=case.biases, normalization=normalization)
+    with torch.no_grad():
+        torch.testing.assert_close(A.eager(case)[:, 1], A.eager(plain))
+    # useful work counts every (candidate, position) pair; the history is read once
+    for mode in ("inference", "fwd+bwd"):
+        assert bench.flops(case, mode) == pytest.approx(3 * bench.flops(plain, mode))
+        assert bench.bytes_moved(plain, mode) < bench.bytes_moved(case, mode) < 3 * bench.bytes_moved(plain, mode)
+
+
+def test_serving_presets_are_inference_only():
+    for name in ("default", "serving", "full"):
+        pts = [s for tag, s in PRESETS[name].shapes if tag == "serving"]
+        assert pts and all(s["B"] == 1 and s["C"] and s["modes"] == ("inference",) for s in pts), name

@@ -54,7 +54,7 @@ inline T sigmoid(T x) {
 template <typename T>
 void fold_layer0(const Mlp<T>& m, const T* __restrict q, T* __restrict Abc, T* __restrict cbc) {
   const int64_t H0 = m.H[0], D = m.D;
-  const T* Wkd = m.Wkd.template data_ptr<T>();
+  const T* Wkd = m.Wkd.data();
   for (int64_t h = 0; h < H0; ++h) {
     const T* __restrict wp = m.Wp + h * 4 * D;
     const T* __restrict wkd = Wkd + h * D;
@@ -63,7 +63,7 @@ void fold_layer0(const Mlp<T>& m, const T* __restrict q, T* __restrict Abc, T* _
   }
   if (cbc == nullptr) return;
   // cbc = b0 + (Wq + Wd) q, accumulated over d with h innermost so it vectorizes
-  const T* __restrict WqdT = m.WqdT.template data_ptr<T>();
+  const T* __restrict WqdT = m.WqdT.data();
   std::memcpy(cbc, m.bias(0), H0 * sizeof(T));
   for (int64_t d = 0; d < D; ++d) {
     const T qd = q[d];
@@ -73,7 +73,7 @@ void fold_layer0(const Mlp<T>& m, const T* __restrict q, T* __restrict Abc, T* _
 }
 
 template <typename T>
-void activate(const Mlp<T>& m, int64_t l, const T* z, T* a, int64_t M, bool keep_nan) {
+AP_WIDE void activate(const Mlp<T>& m, int64_t l, const T* z, T* a, int64_t M, bool keep_nan) {
   const int64_t H = m.H[l];
   const int64_t n = M * H;
   switch (m.act) {
@@ -166,11 +166,14 @@ void activate_backward(const Mlp<T>& m, const GradLayout& lay, int64_t l, const 
       const T* va = m.var[l].template data_ptr<T>();
       const T* gm = m.gamma[l].template data_ptr<T>();
       const T* be = m.beta[l].template data_ptr<T>();
-      T* g_alpha = g + lay.alpha[l];
-      T* g_mean = g + lay.mean[l];
-      T* g_var = g + lay.var[l];
-      T* g_gamma = g + lay.gamma[l];
-      T* g_beta = g + lay.beta[l];
+      // the tile's sums in double, then one addition each into the range's buffer: under batch
+      // statistics these gradients cancel to a few digits
+      std::vector<double> sums(5 * H, 0.0);
+      double* g_alpha = sums.data();
+      double* g_mean = g_alpha + H;
+      double* g_var = g_mean + H;
+      double* g_gamma = g_var + H;
+      double* g_beta = g_gamma + H;
       std::vector<T> rstd(H);
       for (int64_t h = 0; h < H; ++h) rstd[h] = dice_rstd(va[h], m.eps);
       for (int64_t i = 0; i < M; ++i)
@@ -186,6 +189,13 @@ void activate_backward(const Mlp<T>& m, const GradLayout& lay, int64_t l, const 
           g_mean[h] -= u * gm[h] * rstd[h];
           g_var[h] -= T(0.5) * u * gm[h] * xhat * rstd[h] * rstd[h];
         }
+      for (int64_t h = 0; h < H; ++h) {
+        g[lay.alpha[l] + h] += T(g_alpha[h]);
+        g[lay.mean[l] + h] += T(g_mean[h]);
+        g[lay.var[l] + h] += T(g_var[h]);
+        g[lay.gamma[l] + h] += T(g_gamma[h]);
+        g[lay.beta[l] + h] += T(g_beta[h]);
+      }
       break;
     }
   }
@@ -206,12 +216,52 @@ __attribute__((noinline, cold)) bool nan_for_nonfinite_inputs(const T* q, const 
   return any;
 }
 
-// Forward through the tile: Z[l] for every layer, A[l] for every layer but the last.
+// Rows [0, M) of x [M, cols] rounded to the matrix unit's dtype into out [Mr, ld] (RNE for
+// bf16, NaN kept), rows [M, Mr) and columns [cols, ld) zero so the padded product is exact.
+inline uint16_t bf16_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  // branch-free so the loops over it vectorize; a NaN is kept quiet instead of rounded
+  const uint32_t r = (b & 0x7FFFFFFFu) > 0x7F800000u ? (b | 0x400000u) : b + 0x7FFFu + ((b >> 16) & 1u);
+  return static_cast<uint16_t>(r >> 16);
+}
+
+inline void to_lowp(at::ScalarType dt, const float* x, int64_t M, int64_t cols, int64_t Mr, int64_t ld,
+                    uint16_t* out) {
+  for (int64_t i = 0; i < M; ++i) {
+    const float* __restrict xi = x + i * cols;
+    uint16_t* __restrict o = out + i * ld;
+    if (dt == at::kBFloat16) {
+      for (int64_t j = 0; j < cols; ++j) o[j] = bf16_bits(xi[j]);
+    } else {
+      for (int64_t j = 0; j < cols; ++j) o[j] = c10::Half(xi[j]).x;
+    }
+    for (int64_t j = cols; j < ld; ++j) o[j] = 0;
+  }
+  std::fill(out + M * ld, out + Mr * ld, uint16_t(0));
+}
+
+// C [Mr, N] += lowp(A) W_l^T on the matrix unit (T = float only).
 template <typename T>
-void tile_forward(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace<T>& ws) {
+void lowp_layer(const Mlp<T>& m, int64_t l, const T* A, int64_t M, int64_t cols, uint16_t* buf, T* C, int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    const LowpLayer& p = m.lowp_w[l];
+    const int64_t Mr = (M + kRowsM - 1) / kRowsM * kRowsM;
+    to_lowp(m.lowp, A, M, cols, Mr, p.Kp, buf);
+    if (m.lowp == at::kBFloat16) {
+      lowp_gemm(p, Mr, reinterpret_cast<const at::BFloat16*>(buf), p.Kp, C, ldc);
+    } else {
+      lowp_gemm(p, Mr, reinterpret_cast<const at::Half*>(buf), p.Kp, C, ldc);
+    }
+  }
+}
+
+// Layer 0 of a tile in the folded form: per run, Abc and cbc for its (row, candidate), then
+// z = k Abc^T + cbc. Cheapest per position (D*H0 multiply-adds), for tiles of long runs.
+template <typename T>
+void layer0_folded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace<T>& ws) {
   const int64_t D = m.D, H0 = m.H[0];
   T* Z0 = ws.Z[0].data();
-  ws.keep_nan = m.nonfinite;
   for (const Segment& s : ws.segs) {
     const T* q = in.q + (s.b * r.C + s.c) * D;
     fold_layer0(m, q, ws.Abc.data(), ws.cbc.data());
@@ -219,13 +269,112 @@ void tile_forward(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace
     const T* k = in.k + (r.start[s.b] + s.t0) * D;
     for (int64_t i = 0; i < s.n; ++i) std::memcpy(z + i * H0, ws.cbc.data(), H0 * sizeof(T));
     gemm_rm<T>(false, true, s.n, H0, D, T(1), k, D, ws.Abc.data(), D, T(1), z, H0);
-    // An inf in q or k_t makes the reference's [q, k, q - k, q * k] layer NaN (inf - inf) for
-    // weights of mixed sign, where the folded form gives +-inf: NaN for the whole position. Any
-    // inf or NaN of q or k_t reaches z[t, 0] (0 * inf is NaN), so one value per position says
-    // whether to look at its inputs.
-    int bad = 0;
-    for (int64_t i = 0; i < s.n; ++i) bad |= !(z[i * H0] - z[i * H0] == T(0));
-    if (bad) ws.keep_nan |= nan_for_nonfinite_inputs(q, k, s.n, D, z, H0);
+  }
+}
+
+// Layer 0 of a tile in the unfolded two-product form: z = [k, k * q] [Wk - Wd | Wp]^T +
+// (Wq + Wd) q + b0, one GEMM over the tile plus one over its runs' queries. Twice the
+// multiply-adds per position of the folded form but no per-run setup: for tiles of short runs.
+template <typename T>
+void layer0_unfolded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace<T>& ws) {
+  const int64_t D = m.D, H0 = m.H[0], S = static_cast<int64_t>(ws.segs.size());
+  T* Qs = ws.Qs.data();
+  for (int64_t j = 0; j < S; ++j) {
+    const Segment& s = ws.segs[j];
+    std::memcpy(Qs + j * D, in.q + (s.b * r.C + s.c) * D, D * sizeof(T));
+  }
+  T* Cs = ws.Cs.data();
+  for (int64_t j = 0; j < S; ++j) std::memcpy(Cs + j * H0, m.bias(0), H0 * sizeof(T));
+  gemm_rm<T>(false, true, S, H0, D, T(1), Qs, D, m.Wqd.data(), D, T(1), Cs, H0);
+  T* Z0 = ws.Z[0].data();
+  T* X = ws.X.data();
+  for (int64_t j = 0; j < S; ++j) {
+    const Segment& s = ws.segs[j];
+    const T* k = in.k + (r.start[s.b] + s.t0) * D;
+    for (int64_t i = 0; i < s.n; ++i) std::memcpy(Z0 + (s.off + i) * H0, Cs + j * H0, H0 * sizeof(T));
+    if (m.lowp != at::ScalarType::Undefined && !ws.keep_x) continue;  // X straight into Xl below
+    const T* __restrict q = Qs + j * D;
+    for (int64_t i = 0; i < s.n; ++i) {
+      const T* __restrict kt = k + i * D;
+      T* __restrict x = X + (s.off + i) * 2 * D;
+      for (int64_t d = 0; d < D; ++d) {
+        x[d] = kt[d];
+        x[D + d] = kt[d] * q[d];
+      }
+    }
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (m.lowp != at::ScalarType::Undefined) {
+      const LowpLayer& p = m.lowp_w[0];
+      const int64_t M = ws.M, Mr = (M + kRowsM - 1) / kRowsM * kRowsM;
+      uint16_t* Xl = ws.Xl.data();
+      if (ws.keep_x) {
+        to_lowp(m.lowp, X, M, 2 * D, Mr, p.Kp, Xl);
+      } else if (m.lowp == at::kBFloat16) {
+        for (int64_t j = 0; j < S; ++j) {
+          const Segment& s = ws.segs[j];
+          const float* __restrict q = Qs + j * D;
+          const float* k = in.k + (r.start[s.b] + s.t0) * D;
+          for (int64_t i = 0; i < s.n; ++i) {
+            const float* __restrict kt = k + i * D;
+            uint16_t* __restrict x = Xl + (s.off + i) * p.Kp;
+            for (int64_t d = 0; d < D; ++d) {
+              x[d] = bf16_bits(kt[d]);
+              x[D + d] = bf16_bits(kt[d] * q[d]);
+            }
+            for (int64_t d = 2 * D; d < p.Kp; ++d) x[d] = 0;
+          }
+        }
+        std::fill(Xl + M * p.Kp, Xl + Mr * p.Kp, uint16_t(0));
+      } else {
+        // fp16: through float X (the conversion has no branch-free form here)
+        for (int64_t j = 0; j < S; ++j) {
+          const Segment& s = ws.segs[j];
+          const float* __restrict q = Qs + j * D;
+          const float* k = in.k + (r.start[s.b] + s.t0) * D;
+          for (int64_t i = 0; i < s.n; ++i)
+            for (int64_t d = 0; d < D; ++d) {
+              X[(s.off + i) * 2 * D + d] = k[i * D + d];
+              X[(s.off + i) * 2 * D + D + d] = k[i * D + d] * q[d];
+            }
+        }
+        to_lowp(m.lowp, X, M, 2 * D, Mr, p.Kp, Xl);
+      }
+      if (m.lowp == at::kBFloat16) {
+        lowp_gemm(p, Mr, reinterpret_cast<const at::BFloat16*>(Xl), p.Kp, Z0, H0);
+      } else {
+        lowp_gemm(p, Mr, reinterpret_cast<const at::Half*>(Xl), p.Kp, Z0, H0);
+      }
+      return;
+    }
+  }
+  gemm_rm<T>(false, true, ws.M, H0, 2 * D, T(1), X, 2 * D, m.W01.data(), 2 * D, T(1), Z0, H0);
+}
+
+// Forward through the tile: Z[l] for every layer, A[l] for every layer but the last.
+template <typename T>
+void tile_forward(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace<T>& ws) {
+  const int64_t D = m.D, H0 = m.H[0];
+  T* Z0 = ws.Z[0].data();
+  ws.keep_nan = m.nonfinite;
+  // the folded form's per-run setup costs about kFoldMinLen positions of the unfolded form
+  // (the matrix unit takes the unfolded form always: the folded one has a matrix per run)
+  ws.unfolded = m.lowp != at::ScalarType::Undefined || ws.M < kFoldMinLen * static_cast<int64_t>(ws.segs.size());
+  if (ws.unfolded) {
+    layer0_unfolded(m, r, in, ws);
+  } else {
+    layer0_folded(m, r, in, ws);
+  }
+  // An inf in q or k_t makes the reference's [q, k, q - k, q * k] layer NaN (inf - inf) for
+  // weights of mixed sign, where both forms here may give +-inf: NaN for the whole position.
+  // Any inf or NaN of q or k_t reaches z[t, 0] (0 * inf is NaN), so one value per position
+  // says whether to look at its inputs.
+  int bad = 0;
+  for (int64_t i = 0; i < ws.M; ++i) bad |= !(Z0[i * H0] - Z0[i * H0] == T(0));
+  if (bad) {
+    for (const Segment& s : ws.segs)
+      ws.keep_nan |= nan_for_nonfinite_inputs(in.q + (s.b * r.C + s.c) * D, in.k + (r.start[s.b] + s.t0) * D, s.n,
+                                              D, Z0 + s.off * H0, H0);
   }
   const int64_t M = ws.M;
   for (int64_t l = 0; l < m.L; ++l) {
@@ -234,35 +383,24 @@ void tile_forward(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace
       T* z = ws.Z[l].data();
       const T* bl = m.bias(l);
       for (int64_t i = 0; i < M; ++i) std::memcpy(z + i * H, bl, H * sizeof(T));
-      gemm_rm<T>(false, true, M, H, Hin, T(1), ws.A[l - 1].data(), Hin, m.w(l), Hin, T(1), z, H);
+      if (m.lowp != at::ScalarType::Undefined && m.lowp_w[l].packed.defined()) {
+        lowp_layer(m, l, ws.A[l - 1].data(), M, Hin, ws.Al.data(), z, H);
+      } else {
+        gemm_rm<T>(false, true, M, H, Hin, T(1), ws.A[l - 1].data(), Hin, m.w(l), Hin, T(1), z, H);
+      }
     }
     if (l + 1 < m.L) activate(m, l, ws.Z[l].data(), ws.A[l].data(), M, ws.keep_nan);
   }
 }
 
-// Backward through the tile, given dZ of the last layer in ws.dZ. Accumulates weight
-// gradients into g, key gradients into gk ([P, D]) and query gradients into gq ([B*C, D]).
+// Backward of layer 0 in the folded form (dz: [M, H0]).
 template <typename T>
-void tile_backward(const Mlp<T>& m, const GradLayout& lay, const Rows& r, const Inputs<T>& in,
-                   Workspace<T>& ws, T* g, T* gk, T* gq) {
-  const int64_t M = ws.M, D = m.D;
-  T* dz = ws.dZ.data();
-  T* dprev = ws.dZprev.data();
-  for (int64_t l = m.L - 1; l >= 1; --l) {
-    const int64_t H = m.H[l], Hin = m.fan_in[l];
-    // dW_l += dZ_l^T A_{l-1}; db_l += sum_i dZ_l; dA_{l-1} = dZ_l W_l
-    gemm_rm<T>(true, false, H, Hin, M, T(1), dz, H, ws.A[l - 1].data(), Hin, T(1), g + lay.W[l], Hin);
-    T* gb = g + lay.b[l];
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t h = 0; h < H; ++h) gb[h] += dz[i * H + h];
-    gemm_rm<T>(false, false, M, Hin, H, T(1), dz, H, m.w(l), Hin, T(0), dprev, Hin);
-    activate_backward(m, lay, l - 1, ws.Z[l - 1].data(), ws.A[l - 1].data(), dprev, dz, M, g, ws.keep_nan);
-  }
-  // Layer 0, folded: z = Abc k + cbc.
-  const int64_t H0 = m.H[0];
+void layer0_folded_backward(const Mlp<T>& m, const GradLayout& lay, const Rows& r, const Inputs<T>& in,
+                            Workspace<T>& ws, const T* dz, T* g, T* gk, T* gq) {
+  const int64_t D = m.D, H0 = m.H[0];
   T* gW0 = g + lay.W[0];
   T* gb0 = g + lay.b[0];
-  const T* Wqd = m.Wqd.template data_ptr<T>();
+  const T* Wqd = m.Wqd.data();
   for (const Segment& s : ws.segs) {
     const T* q = in.q + (s.b * r.C + s.c) * D;
     fold_layer0<T>(m, q, ws.Abc.data(), nullptr);
@@ -299,34 +437,126 @@ void tile_backward(const Mlp<T>& m, const GradLayout& lay, const Rows& r, const 
   }
 }
 
-// Softmax (when asked) of the scores of rows [rb, rb + ...) and the attention-weighted sum of
-// their keys into out.
+// Backward of layer 0 in the unfolded form, reusing the X and Qs that tile_forward packed.
 template <typename T>
-void pool_forward(const Rows& r, const Inputs<T>& in, bool softmax, int64_t rb, int64_t re, T* attn, T* out) {
+void layer0_unfolded_backward(const Mlp<T>& m, const GradLayout& lay, const Rows& r, const Inputs<T>& in,
+                              Workspace<T>& ws, const T* dz, T* g, T* gk, T* gq) {
+  const int64_t D = m.D, H0 = m.H[0], M = ws.M, S = static_cast<int64_t>(ws.segs.size());
+  const T* X = ws.X.data();
+  const T* Qs = ws.Qs.data();
+  T* dW01 = ws.dW01.data();
+  T* dX = ws.dX.data();
+  // dW01 = dz^T X, dX = dz W01
+  gemm_rm<T>(true, false, H0, 2 * D, M, T(1), dz, H0, X, 2 * D, T(0), dW01, 2 * D);
+  gemm_rm<T>(false, false, M, 2 * D, H0, T(1), dz, H0, m.W01.data(), 2 * D, T(0), dX, 2 * D);
+  T* dCs = ws.Cs.data();  // the forward's run terms are not needed any more
+  for (int64_t j = 0; j < S; ++j) {
+    const Segment& s = ws.segs[j];
+    const T* __restrict q = Qs + j * D;
+    const int64_t p0 = r.start[s.b] + s.t0;
+    T* __restrict dq = gq + (s.b * r.C + s.c) * D;
+    T* __restrict dc = dCs + j * H0;
+    std::fill(dc, dc + H0, T(0));
+    for (int64_t i = 0; i < s.n; ++i) {
+      const T* __restrict dx = dX + (s.off + i) * 2 * D;
+      const T* __restrict kt = in.k + (p0 + i) * D;
+      T* __restrict dk = gk + (p0 + i) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        dk[d] += dx[d] + dx[D + d] * q[d];
+        dq[d] += dx[D + d] * kt[d];
+      }
+      const T* __restrict dzi = dz + (s.off + i) * H0;
+      for (int64_t h = 0; h < H0; ++h) dc[h] += dzi[h];
+    }
+  }
+  // the run terms: dWqd = dCs^T Qs, dq += dCs Wqd, db0 += sum dCs
+  T* dWqd = ws.dA0.data();
+  gemm_rm<T>(true, false, H0, D, S, T(1), dCs, H0, Qs, D, T(0), dWqd, D);
+  T* dQs = ws.dQs.data();
+  gemm_rm<T>(false, false, S, D, H0, T(1), dCs, H0, m.Wqd.data(), D, T(0), dQs, D);
+  for (int64_t j = 0; j < S; ++j) {
+    const Segment& s = ws.segs[j];
+    T* __restrict dq = gq + (s.b * r.C + s.c) * D;
+    const T* __restrict src = dQs + j * D;
+    for (int64_t d = 0; d < D; ++d) dq[d] += src[d];
+  }
+  T* gW0 = g + lay.W[0];
+  T* gb0 = g + lay.b[0];
+  for (int64_t h = 0; h < H0; ++h) {
+    const T* __restrict dkd = dW01 + h * 2 * D;
+    const T* __restrict dp = dkd + D;
+    const T* __restrict dqd = dWqd + h * D;
+    T* __restrict gq_ = gW0 + h * 4 * D;  // column blocks of W0: q, k, q - k, q * k
+    T* __restrict gk_ = gq_ + D;
+    T* __restrict gd_ = gq_ + 2 * D;
+    T* __restrict gp_ = gq_ + 3 * D;
+#pragma GCC ivdep
+    for (int64_t d = 0; d < D; ++d) {
+      gq_[d] += dqd[d];
+      gk_[d] += dkd[d];
+      gd_[d] += dqd[d] - dkd[d];
+      gp_[d] += dp[d];
+    }
+    T cb = 0;
+    for (int64_t j = 0; j < S; ++j) cb += dCs[j * H0 + h];
+    gb0[h] += cb;
+  }
+}
+
+// Backward through the tile, given dZ of the last layer in ws.dZ. Accumulates weight
+// gradients into g, key gradients into gk ([P, D]) and query gradients into gq ([B*C, D]).
+template <typename T>
+void tile_backward(const Mlp<T>& m, const GradLayout& lay, const Rows& r, const Inputs<T>& in,
+                   Workspace<T>& ws, T* g, T* gk, T* gq) {
+  const int64_t M = ws.M;
+  T* dz = ws.dZ.data();
+  T* dprev = ws.dZprev.data();
+  for (int64_t l = m.L - 1; l >= 1; --l) {
+    const int64_t H = m.H[l], Hin = m.fan_in[l];
+    // dW_l += dZ_l^T A_{l-1}; db_l += sum_i dZ_l; dA_{l-1} = dZ_l W_l
+    gemm_rm<T>(true, false, H, Hin, M, T(1), dz, H, ws.A[l - 1].data(), Hin, T(1), g + lay.W[l], Hin);
+    T* gb = g + lay.b[l];
+    std::vector<double> sum(H, 0.0);  // in double, as in activate_backward
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t h = 0; h < H; ++h) sum[h] += dz[i * H + h];
+    for (int64_t h = 0; h < H; ++h) gb[h] += T(sum[h]);
+    gemm_rm<T>(false, false, M, Hin, H, T(1), dz, H, m.w(l), Hin, T(0), dprev, Hin);
+    activate_backward(m, lay, l - 1, ws.Z[l - 1].data(), ws.A[l - 1].data(), dprev, dz, M, g, ws.keep_nan);
+  }
+  if (ws.unfolded) {
+    layer0_unfolded_backward(m, lay, r, in, ws, dz, g, gk, gq);
+  } else {
+    layer0_folded_backward(m, lay, r, in, ws, dz, g, gk, gq);
+  }
+}
+
+// Softmax (when asked) of the scores of (row, candidate) pairs [pb, pe) (pair b * C + c)
+// and the attention-weighted sum of the row's keys into out.
+template <typename T>
+void pool_forward(const Rows& r, const Inputs<T>& in, bool softmax, int64_t pb, int64_t pe, T* attn, T* out) {
   const int64_t D = r.D;
-  for (int64_t b = rb; b < re; ++b) {
+  for (int64_t p = pb; p < pe; ++p) {
+    const int64_t b = p / r.C, c = p % r.C;
     const int64_t n = r.len[b];
     const T* k = in.k + r.start[b] * D;
-    for (int64_t c = 0; c < r.C; ++c) {
-      T* a = attn + r.start[b] * r.C + c * r.sC;
-      if (softmax && n > 0) {
-        T mx = a[0];
-        for (int64_t t = 1; t < n; ++t) mx = std::max(mx, a[t * r.sT]);
-        T sum = 0;
-        for (int64_t t = 0; t < n; ++t) {
-          const T e = std::exp(a[t * r.sT] - mx);
-          a[t * r.sT] = e;
-          sum += e;
-        }
-        const T inv = T(1) / sum;
-        for (int64_t t = 0; t < n; ++t) a[t * r.sT] *= inv;
-      }
-      T* o = out + (b * r.C + c) * D;
+    T* a = attn + r.start[b] * r.C + c * r.sC;
+    if (softmax && n > 0) {
+      T mx = a[0];
+      for (int64_t t = 1; t < n; ++t) mx = std::max(mx, a[t * r.sT]);
+      T sum = 0;
       for (int64_t t = 0; t < n; ++t) {
-        const T wt = a[t * r.sT];
-        const T* kt = k + t * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += wt * kt[d];
+        const T e = std::exp(a[t * r.sT] - mx);
+        a[t * r.sT] = e;
+        sum += e;
       }
+      const T inv = T(1) / sum;
+      for (int64_t t = 0; t < n; ++t) a[t * r.sT] *= inv;
+    }
+    T* __restrict o = out + p * D;
+    for (int64_t t = 0; t < n; ++t) {
+      const T wt = a[t * r.sT];
+      const T* __restrict kt = k + t * D;
+      for (int64_t d = 0; d < D; ++d) o[d] += wt * kt[d];
     }
   }
 }

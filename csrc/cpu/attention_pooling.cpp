@@ -1,18 +1,25 @@
 // SPEC section 1, CPU kernels of din_ops::attention_pooling{,_backward,_stats,_stats_backward}.
 //
-// Reference: din_ops/reference.py attention_pooling. The kernels never build [B, T, 4D]: the
-// first layer is folded per (row, candidate),
-//   W0 [q, k, q-k, q*k] = (Wq + Wd) q + (Wk - Wd + Wp diag(q)) k,
-// so a position costs D*H0 multiply-adds in layer 0 instead of 4D*H0. Positions of several rows
-// are packed into tiles of up to kTile (position, candidate) pairs so layers >= 1 run as one
-// GEMM per tile; nothing [N, H] outlives a tile (the backward recomputes the tile).
+// Reference: din_ops/reference.py attention_pooling. The kernels never build [B, T, 4D].
+// Positions of several rows are packed into tiles of up to kTile (position, candidate) pairs so
+// every layer runs as GEMMs over a tile; nothing [N, H] outlives a tile (the backward
+// recomputes the tile). Layer 0 takes one of two forms per tile:
+//   folded, per (row, candidate): W0 [q, k, q-k, q*k] = (Wq + Wd) q + (Wk - Wd + Wp diag(q)) k,
+//     D*H0 multiply-adds per position plus a per-run setup: tiles of long runs;
+//   unfolded: [k, k*q] [Wk - Wd | Wp]^T + (Wq + Wd) q, one GEMM over the tile with no per-run
+//     setup: tiles of short runs (kFoldMinLen), and always on the matrix unit.
 //
-// Work split: rows are cut into at most kSlots ranges of about equal work (balanced_split).
-// Each range owns a partial weight-gradient buffer; buffers are reduced in range order, so
-// results are bitwise reproducible whatever the thread count.
+// Work split: the forward cuts (row, candidate, position-run) units into at most kSlots ranges
+// of about equal work, so one user with many candidates fills every core; the backward and the
+// statistics cut at rows (a row's key gradient sums over its candidates). Small calls run
+// on the calling thread. Each range owns its partial sums, reduced in range order, and the
+// split depends on the data only, so results are bitwise reproducible whatever the thread count.
 //
-// The compute loops live in attention_kernels.h, built for the baseline, AVX2 and AVX-512 and
-// chosen at run time (cpu_isa in common.h).
+// bf16/fp16 inputs run their products in the input dtype with float accumulation on the CPU's
+// matrix unit (AMX) where oneDNN's brgemm packs for it (use_lowp); elsewhere, and under
+// DIN_OPS_CPU_ISA=base, in float. The compute loops live in attention_kernels.h, built for the
+// baseline, AVX2 and AVX-512 and chosen at run time (cpu_isa in common.h).
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -29,6 +36,11 @@ namespace {
 
 constexpr int64_t kTile = 256;   // (position, candidate) pairs per tile
 constexpr int64_t kSlots = 64;   // work ranges (and gradient buffers)
+// A tile whose runs average fewer positions than this takes layer 0's unfolded form.
+// Measured at D=36, hidden (80, 40): the forms cost the same at runs of about 30 positions.
+constexpr int64_t kFoldMinLen = 32;
+// Multiply-adds a work range must hold to be worth handing to another thread.
+constexpr int64_t kMinRangeWork = int64_t{1} << 20;
 
 enum class Act { Sigmoid, ReLU, PReLU, Dice, Identity };
 
@@ -119,6 +131,62 @@ Rows describe_rows(const at::Tensor& query, const at::Tensor& keys, const std::o
   return r;
 }
 
+// One layer's weight for bf16/fp16 products with float accumulation on the CPU's matrix unit
+// (AMX through at::native::cpublas::brgemm, oneDNN's micro-kernels): B = W^T [K, N] in the
+// input dtype, packed in VNNI blocks of kBlockN columns (brgemm takes ld_b in {16, .., 64}),
+// K rounded up to even (VNNI pairs rows; the padding row is zero).
+constexpr int64_t kBlockN = 32;
+constexpr int64_t kRowsM = 32;  // brgemm is called with M rounded up to this: few distinct kernels
+
+struct LowpLayer {
+  int64_t K = 0, Kp = 0, N = 0;
+  at::Tensor packed;  // [ceil(N / kBlockN), Kp, kBlockN] of the input dtype
+};
+
+LowpLayer pack_lowp(const at::Tensor& Wt, at::ScalarType dt) {
+  // Wt: [K, N] float, contiguous
+  LowpLayer p;
+  p.K = Wt.size(0);
+  p.N = Wt.size(1);
+  p.Kp = (p.K + 1) / 2 * 2;
+  const int64_t nb = (p.N + kBlockN - 1) / kBlockN;
+  const at::Tensor w = at::zeros({p.Kp, p.N}, Wt.options().dtype(dt));
+  w.narrow(0, 0, p.K).copy_(Wt);
+  p.packed = at::zeros({nb, p.Kp, kBlockN}, w.options());
+  const int64_t es = w.element_size();
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t n = std::min(kBlockN, p.N - j * kBlockN);
+    at::native::cpublas::pack(p.Kp, n, p.N, kBlockN, dt, dt, static_cast<const char*>(w.data_ptr()) + j * kBlockN * es,
+                              static_cast<char*>(p.packed.data_ptr()) + j * p.Kp * kBlockN * es);
+  }
+  return p;
+}
+
+// C[M, N] += A[M, Kp] B, A in the input dtype (its padding columns zero), M a multiple of kRowsM.
+template <typename L>
+void lowp_gemm(const LowpLayer& p, int64_t M, const L* A, int64_t lda, float* C, int64_t ldc) {
+  const L* B = p.packed.data_ptr<L>();
+  for (int64_t j = 0; j * kBlockN < p.N; ++j) {
+    const int64_t n = std::min(kBlockN, p.N - j * kBlockN);
+    at::native::cpublas::brgemm(M, n, p.Kp, lda, kBlockN, ldc, true, A, B + j * p.Kp * kBlockN, C + j * kBlockN);
+  }
+}
+
+// Whether bf16/fp16 inputs take the matrix-unit path: the dtype's brgemm packs on this CPU and
+// the wide units are not capped (DIN_OPS_CPU_ISA=base forces the float path everywhere).
+bool use_lowp(at::ScalarType dt) {
+  if (dt != at::kBFloat16 && dt != at::kHalf) return false;
+  if (cpu_isa() == Isa::kBase) return false;
+  static const bool bf16 = at::native::cpublas::could_pack(at::kBFloat16);
+  static const bool fp16 = at::native::cpublas::could_pack(at::kHalf);
+  return dt == at::kBFloat16 ? bf16 : fp16;
+}
+
+template <typename T>
+at::ScalarType lowp_dtype(at::ScalarType dt) {
+  return std::is_same_v<T, float> && use_lowp(dt) ? dt : at::ScalarType::Undefined;
+}
+
 // The MLP in the accumulation type, with layer 0 split into its folded blocks. Layers
 // 0..L-1; the activation follows every layer but the last (the last is the output layer of
 // the pooling head, or the layer whose pre-activation statistics the stats head wants).
@@ -127,7 +195,9 @@ struct Mlp {
   int64_t D = 0, L = 0;
   std::vector<int64_t> H, fan_in;
   std::vector<at::Tensor> W, b;  // [H_l, fan_in_l], [H_l]
-  at::Tensor Wkd, Wqd, WqdT;     // [H0, D]: Wk - Wd, Wq + Wd; [D, H0]: (Wq + Wd)^T
+  // Layer 0's blocks: Wkd = Wk - Wd and Wqd = Wq + Wd [H0, D], WqdT [D, H0], and
+  // W01 = [Wk - Wd | Wp] [H0, 2D] for the unfolded form of a tile of short runs.
+  std::vector<T> Wkd, Wqd, WqdT, W01;
   const T* Wp = nullptr;         // column block 3 of W0, row stride 4D
   Act act = Act::Identity;
   std::vector<at::Tensor> alpha, mean, var, gamma, beta;
@@ -135,6 +205,10 @@ struct Mlp {
   T eps = 0;
   int64_t maxH = 1;
   bool nonfinite = false;  // a parameter is inf or NaN (or a Dice variance + eps is not > 0)
+  // bf16/fp16 products on the matrix unit (kUndefined: float products): layer 0's unfolded
+  // [Wk - Wd | Wp] and every later layer with at least 16 outputs
+  at::ScalarType lowp = at::ScalarType::Undefined;
+  std::vector<LowpLayer> lowp_w;  // [L]; empty packed: that layer stays in float
 
   const T* w(int64_t l) const { return W[l].data_ptr<T>(); }
   const T* bias(int64_t l) const { return b[l].data_ptr<T>(); }
@@ -153,7 +227,8 @@ T dice_rstd(T var, T eps) {
 template <typename T>
 Mlp<T> make_mlp(int64_t D, at::TensorList weights, at::TensorList biases, at::TensorList act_weights,
                 at::TensorList norm_mean, at::TensorList norm_var, at::TensorList norm_weight,
-                at::TensorList norm_bias, const std::string& activation, double eps) {
+                at::TensorList norm_bias, const std::string& activation, double eps,
+                at::ScalarType lowp = at::ScalarType::Undefined) {
   const auto s = c10::CppTypeToScalarType<T>::value;
   Mlp<T> m;
   m.D = D;
@@ -173,10 +248,33 @@ Mlp<T> make_mlp(int64_t D, at::TensorList weights, at::TensorList biases, at::Te
     in = m.H.back();
   }
   const at::Tensor& W0 = m.W[0];
-  m.Wkd = (W0.narrow(1, D, D) - W0.narrow(1, 2 * D, D)).contiguous();
-  m.Wqd = (W0.narrow(1, 0, D) + W0.narrow(1, 2 * D, D)).contiguous();
-  m.WqdT = m.Wqd.t().contiguous();
-  m.Wp = W0.data_ptr<T>() + 3 * D;
+  // plain loops: a few ATen ops here would cost more than a whole small call
+  const int64_t H0 = m.H[0];
+  const T* w0 = W0.data_ptr<T>();
+  m.Wkd.resize(H0 * D);
+  m.Wqd.resize(H0 * D);
+  m.WqdT.resize(D * H0);
+  m.W01.resize(H0 * 2 * D);
+  for (int64_t h = 0; h < H0; ++h) {
+    const T* row = w0 + h * 4 * D;
+    for (int64_t d = 0; d < D; ++d) {
+      const T kd = row[D + d] - row[2 * D + d], qd = row[d] + row[2 * D + d];
+      m.Wkd[h * D + d] = kd;
+      m.Wqd[h * D + d] = qd;
+      m.WqdT[d * H0 + h] = qd;
+      m.W01[h * 2 * D + d] = kd;
+      m.W01[h * 2 * D + D + d] = row[3 * D + d];
+    }
+  }
+  m.Wp = w0 + 3 * D;
+  if (lowp != at::ScalarType::Undefined) {
+    m.lowp = lowp;
+    m.lowp_w.resize(m.L);
+    const at::Tensor W01 = at::from_blob(m.W01.data(), {H0, 2 * D}, W0.options());
+    m.lowp_w[0] = pack_lowp(W01.t().contiguous(), lowp);
+    for (int64_t l = 1; l < m.L; ++l)
+      if (m.H[l] >= 16) m.lowp_w[l] = pack_lowp(m.W[l].t().contiguous(), lowp);
+  }
   const int64_t n_act = m.L - 1;
   if (m.act == Act::PReLU || m.act == Act::Dice) {
     TORCH_CHECK(static_cast<int64_t>(act_weights.size()) == n_act, "attention_pooling: one alpha per hidden layer expected");
@@ -239,26 +337,50 @@ struct Segment {
 
 // Per-thread scratch: the tile's pre-activations Z[l] and activations A[l] ([kTile, H_l]),
 // the folded layer-0 matrix of the current (row, candidate), and backward buffers.
+// The unfolded form's buffers: X = [k, k * q] per pair [kTile, 2D], the runs' queries Qs
+// [kTile, D] and terms Cs [kTile, H0], and their gradients.
 template <typename T>
 struct Workspace {
   std::vector<std::vector<T>> Z, A;
-  std::vector<T> Abc, cbc, dA0, dc0, dZ, dZprev, kbuf;
+  std::vector<T> Abc, cbc, dA0, dc0, dZ, dZprev;
+  std::vector<T> X, Qs, Cs, dX, dW01, dQs;
+  std::vector<uint16_t> Xl, Al;  // bf16/fp16 operands of the matrix unit: [kTile, Kp]
   std::vector<Segment> segs;
   int64_t M = 0;
   bool keep_nan = false;  // the tile may hold a NaN pre-activation: NaN-keeping sigmoid
+  bool unfolded = false;  // layer 0 of the current tile in the unfolded form
+  bool keep_x = true;     // the unfolded form keeps X in float (the backward reads it)
 
   explicit Workspace(const Mlp<T>& m) {
     for (int64_t l = 0; l < m.L; ++l) {
       Z.emplace_back(kTile * m.H[l]);
       A.emplace_back(l + 1 < m.L ? kTile * m.H[l] : 0);
     }
-    Abc.resize(m.H[0] * m.D);
-    cbc.resize(m.H[0]);
-    dA0.resize(m.H[0] * m.D);
-    dc0.resize(m.H[0]);
+    const int64_t D = m.D, H0 = m.H[0];
+    Abc.resize(H0 * D);
+    cbc.resize(H0);
+    dA0.resize(H0 * D);
+    dc0.resize(H0);
     dZ.resize(kTile * m.maxH);
     dZprev.resize(kTile * m.maxH);
+    X.resize(kTile * 2 * D);
+    Qs.resize(kTile * D);
+    Cs.resize(kTile * H0);
+    dX.resize(kTile * 2 * D);
+    dW01.resize(H0 * 2 * D);
+    dQs.resize(kTile * D);
+    if (m.lowp != at::ScalarType::Undefined) {
+      int64_t kp = 0;
+      for (const LowpLayer& p : m.lowp_w) kp = std::max(kp, p.Kp);
+      Xl.assign(kTile * m.lowp_w[0].Kp, 0);
+      Al.assign(kTile * kp, 0);
+    }
   }
+  ~Workspace() {
+    if (!Xl.empty()) at::native::cpublas::brgemm_release();  // the thread's AMX tile state
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
 };
 
 // Inputs of a kernel call in the accumulation type.
@@ -268,6 +390,8 @@ struct Inputs {
   const T* k = nullptr;  // [P, D]
 };
 
+// AP_WIDE: the activations' loops (exp-bound, no GEMM around them) in the widest vectors
+#define AP_WIDE
 #define AP_ISA isa_base
 #include "attention_kernels.h"
 #undef AP_ISA
@@ -282,9 +406,13 @@ struct Inputs {
 #pragma GCC push_options
 // 256-bit vectors, as -march=native picks on AVX-512 Xeons: 512-bit ones measured ~6% slower here
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=256")
+#undef AP_WIDE
+#define AP_WIDE __attribute__((target("prefer-vector-width=512")))
 #define AP_ISA isa_avx512
 #include "attention_kernels.h"
 #undef AP_ISA
+#undef AP_WIDE
+#define AP_WIDE
 #pragma GCC pop_options
 #endif
 
@@ -321,25 +449,92 @@ Kernels<T> kernels() {
 }
 #undef AP_KERNELS
 
-// Calls fn(ws) for every tile of the rows [row_begin, row_end): segments of (row, candidate)
-// positions packed in row order into tiles of up to kTile pairs.
+// A run of positions [t0, t0 + n) of (row b, candidate c), n <= kTile: the unit of the work
+// split. Units are in (row, candidate, position) order, so one user with many candidates, or
+// one long row, still spreads over every thread, and many short rows pack into one tile.
+struct Unit {
+  int64_t b, c, t0, n;
+};
+
+struct Work {
+  std::vector<Unit> units;
+  std::vector<int64_t> row_unit;  // [B + 1]: the units of row b are [row_unit[b], row_unit[b + 1])
+};
+
+Work make_units(const Rows& r) {
+  Work w;
+  w.units.reserve(r.B * r.C);
+  w.row_unit.resize(r.B + 1);
+  for (int64_t b = 0; b < r.B; ++b) {
+    w.row_unit[b] = static_cast<int64_t>(w.units.size());
+    for (int64_t c = 0; c < r.C; ++c)
+      for (int64_t t = 0; t < r.len[b]; t += kTile) w.units.push_back({b, c, t, std::min(kTile, r.len[b] - t)});
+  }
+  w.row_unit[r.B] = static_cast<int64_t>(w.units.size());
+  return w;
+}
+
+// Multiply-adds of the MLP per (position, candidate) pair, folded form.
+template <typename T>
+int64_t pair_work(const Mlp<T>& m) {
+  int64_t w = m.D * m.H[0];
+  for (int64_t l = 1; l < m.L; ++l) w += m.H[l] * m.fan_in[l];
+  return w;
+}
+
+// How many ranges items of the given total work are split into: kSlots at most, fewer when the
+// call is small (one range runs on the calling thread).
+int64_t n_parts(int64_t total_work) { return std::clamp<int64_t>(total_work / kMinRangeWork, 1, kSlots); }
+
+// Ranges of units of about equal work, cut anywhere (forward and statistics: nothing is
+// accumulated per row). A run's setup is counted as kFoldMinLen / 4 positions.
+template <typename T>
+std::vector<int64_t> unit_ranges(const Work& w, const Mlp<T>& m) {
+  std::vector<int64_t> work(w.units.size());
+  int64_t total = 0;
+  for (size_t i = 0; i < w.units.size(); ++i) total += work[i] = w.units[i].n + kFoldMinLen / 4;
+  return balanced_split(work, n_parts(total * pair_work(m)));
+}
+
+// kSlots ranges of rows of about equal work (backward: a row's key gradient is accumulated by
+// all its candidates and runs); row range [rb, re) holds units [row_unit[rb], row_unit[re]).
+// Always as many ranges as there are rows up to kSlots, small calls included: training with
+// Dice's batch statistics has gradients that cancel to a few digits, and short per-range sums
+// keep them within the float32 error of eager PyTorch.
+std::vector<int64_t> row_ranges(const Rows& r) {
+  std::vector<int64_t> work(r.B);
+  for (int64_t b = 0; b < r.B; ++b) work[b] = r.C * (r.len[b] + kFoldMinLen / 4);
+  return balanced_split(work, kSlots);
+}
+
+// fn(part) for every part [0, n): on the calling thread when there is one.
+template <typename Fn>
+void for_each_part(int64_t n, Fn&& fn) {
+  if (n == 1) {
+    blas::SequentialGuard sequential;
+    return fn(0, 1);
+  }
+  at::parallel_for(0, n, 1, fn);
+}
+
+// Calls fn(ws) for every tile of the units [u0, u1): their runs packed in order into tiles of
+// up to kTile pairs (a unit may be cut between two tiles).
 template <typename T, typename Fn>
-void for_each_tile(const Rows& r, int64_t row_begin, int64_t row_end, Workspace<T>& ws, Fn&& fn) {
+void for_each_tile(const Work& w, int64_t u0, int64_t u1, Workspace<T>& ws, Fn&& fn) {
   ws.segs.clear();
   ws.M = 0;
-  for (int64_t b = row_begin; b < row_end; ++b) {
-    for (int64_t c = 0; c < r.C; ++c) {
-      int64_t t = 0;
-      while (t < r.len[b]) {
-        const int64_t n = std::min(r.len[b] - t, kTile - ws.M);
-        ws.segs.push_back({b, c, t, n, ws.M});
-        ws.M += n;
-        t += n;
-        if (ws.M == kTile) {
-          fn(ws);
-          ws.segs.clear();
-          ws.M = 0;
-        }
+  for (int64_t u = u0; u < u1; ++u) {
+    const Unit& un = w.units[u];
+    int64_t t = 0;
+    while (t < un.n) {
+      const int64_t n = std::min(un.n - t, kTile - ws.M);
+      ws.segs.push_back({un.b, un.c, un.t0 + t, n, ws.M});
+      ws.M += n;
+      t += n;
+      if (ws.M == kTile) {
+        fn(ws);
+        ws.segs.clear();
+        ws.M = 0;
       }
     }
   }
@@ -348,33 +543,33 @@ void for_each_tile(const Rows& r, int64_t row_begin, int64_t row_end, Workspace<
   ws.M = 0;
 }
 
-std::vector<int64_t> row_ranges(const Rows& r) {
-  std::vector<int64_t> work(r.B);
-  for (int64_t b = 0; b < r.B; ++b) work[b] = r.len[b] * r.C + 4;  // +4: per-row overhead
-  return balanced_split(work, kSlots);
-}
-
 // ---------------------------------------------------------------------------------------------
 // forward
 template <typename T>
 void forward_impl(const Rows& r, const Mlp<T>& m, const Inputs<T>& in, bool softmax, T scale, T* attn, T* out) {
-  const auto ranges = row_ranges(r);
-  const int64_t n_ranges = static_cast<int64_t>(ranges.size()) - 1;
+  const Work w = make_units(r);
+  const auto ranges = unit_ranges(w, m);
   const Kernels<T> K = kernels<T>();
-  at::parallel_for(0, n_ranges, 1, [&](int64_t lo, int64_t hi) {
+  // the scores of every pair, then (once a pair's scores are all there) softmax and pooling
+  for_each_part(static_cast<int64_t>(ranges.size()) - 1, [&](int64_t lo, int64_t hi) {
     Workspace<T> ws(m);
-    for (int64_t part = lo; part < hi; ++part) {
-      const int64_t rb = ranges[part], re = ranges[part + 1];
-      for_each_tile(r, rb, re, ws, [&](Workspace<T>& w) {
-        K.tile_forward(m, r, in, w);
-        const T* s = w.Z[m.L - 1].data();  // [M, 1]
-        for (const Segment& g : w.segs) {
+    ws.keep_x = false;
+    for (int64_t part = lo; part < hi; ++part)
+      for_each_tile(w, ranges[part], ranges[part + 1], ws, [&](Workspace<T>& wk) {
+        K.tile_forward(m, r, in, wk);
+        const T* s = wk.Z[m.L - 1].data();  // [M, 1]
+        for (const Segment& g : wk.segs) {
           T* a = attn + r.start[g.b] * r.C + g.c * r.sC + g.t0 * r.sT;
           for (int64_t i = 0; i < g.n; ++i) a[i * r.sT] = scale * s[g.off + i];
         }
       });
-      K.pool_forward(r, in, softmax, rb, re, attn, out);
-    }
+  });
+  std::vector<int64_t> pair_len(r.B * r.C);
+  int64_t total = 0;
+  for (int64_t p = 0; p < r.B * r.C; ++p) total += pair_len[p] = r.len[p / r.C] + 1;
+  const auto pairs = balanced_split(pair_len, n_parts(total * 4 * r.D));
+  for_each_part(static_cast<int64_t>(pairs.size()) - 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t part = lo; part < hi; ++part) K.pool_forward(r, in, softmax, pairs[part], pairs[part + 1], attn, out);
   });
 }
 
@@ -410,7 +605,8 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_cpu(
   at::Tensor attn = at::zeros(attn_shape, opts);
   AT_DISPATCH_FLOATING_TYPES(acc_s, "attention_pooling_cpu", [&] {
     const Mlp<scalar_t> m = make_mlp<scalar_t>(r.D, weights, biases, act_weights, norm_mean, norm_var, norm_weight,
-                                               norm_bias, std::string(activation), eps);
+                                               norm_bias, std::string(activation), eps,
+                                 lowp_dtype<scalar_t>(query.scalar_type()));
     TORCH_CHECK(m.H[m.L - 1] == 1, "attention_pooling: the last layer must have one output");
     Inputs<scalar_t> in{ai.q.data_ptr<scalar_t>(), ai.k.data_ptr<scalar_t>()};
     forward_impl<scalar_t>(r, m, in, softmax, static_cast<scalar_t>(scale), attn.data_ptr<scalar_t>(),
@@ -483,9 +679,11 @@ GradTuple attention_pooling_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(acc_s, "attention_pooling_backward_cpu", [&] {
     using T = scalar_t;
     const Mlp<T> m = make_mlp<T>(r.D, weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias,
-                                 std::string(activation), eps);
+                                 std::string(activation), eps,
+                                 lowp_dtype<scalar_t>(query.scalar_type()));
     const GradLayout lay = grad_layout(m);
     const Inputs<T> in{ai.q.data_ptr<T>(), ai.k.data_ptr<T>()};
+    const Work work = make_units(r);
     const auto ranges = row_ranges(r);
     const int64_t n_ranges = static_cast<int64_t>(ranges.size()) - 1;
     std::vector<std::vector<T>> parts(n_ranges, std::vector<T>(lay.size, T(0)));
@@ -497,7 +695,7 @@ GradTuple attention_pooling_backward_cpu(
     T* pgq = gq.data_ptr<T>();
     const T sc = static_cast<T>(scale);
     const Kernels<T> K = kernels<T>();
-    at::parallel_for(0, n_ranges, 1, [&](int64_t lo, int64_t hi) {
+    for_each_part(n_ranges, [&](int64_t lo, int64_t hi) {
       Workspace<T> ws(m);
       for (int64_t part = lo; part < hi; ++part) {
         const int64_t rb = ranges[part], re = ranges[part + 1];
@@ -505,7 +703,7 @@ GradTuple attention_pooling_backward_cpu(
         K.pool_backward(r, in, softmax, sc, pw, pga, pgo, rb, re, pds, pgk);
         // The MLP, tile by tile.
         T* g = parts[part].data();
-        for_each_tile(r, rb, re, ws, [&](Workspace<T>& wk) {
+        for_each_tile(work, work.row_unit[rb], work.row_unit[re], ws, [&](Workspace<T>& wk) {
           K.tile_forward(m, r, in, wk);
           for (const Segment& s : wk.segs) {
             const T* src = pds + r.start[s.b] * r.C + s.c * r.sC + s.t0 * r.sT;
@@ -537,22 +735,27 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_stats_cpu(
   AT_DISPATCH_FLOATING_TYPES(acc_s, "attention_pooling_stats_cpu", [&] {
     using T = scalar_t;
     const Mlp<T> m = make_mlp<T>(r.D, weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias,
-                                 std::string(activation), eps);
+                                 std::string(activation), eps,
+                                 lowp_dtype<scalar_t>(query.scalar_type()));
     const Inputs<T> in{ai.q.data_ptr<T>(), ai.k.data_ptr<T>()};
+    // The tiles of the backward (row ranges): the gradient of batch statistics cancels to a few
+    // digits, so it must see the very pre-activations the statistics were computed from.
+    const Work work = make_units(r);
     const auto ranges = row_ranges(r);
     const int64_t n_ranges = static_cast<int64_t>(ranges.size()) - 1;
     const Kernels<T> K = kernels<T>();
     // per range: count, mean[H], M2[H] (Chan et al.'s pairwise combination, in a fixed order)
     std::vector<int64_t> counts(n_ranges, 0);
     std::vector<std::vector<T>> means(n_ranges, std::vector<T>(H, T(0))), m2s(n_ranges, std::vector<T>(H, T(0)));
-    at::parallel_for(0, n_ranges, 1, [&](int64_t lo, int64_t hi) {
+    for_each_part(n_ranges, [&](int64_t lo, int64_t hi) {
       Workspace<T> ws(m);
+      ws.keep_x = false;
       std::vector<T> tmean(H), tm2(H);
       for (int64_t part = lo; part < hi; ++part) {
         int64_t& n = counts[part];
         T* mu = means[part].data();
         T* m2 = m2s[part].data();
-        for_each_tile(r, ranges[part], ranges[part + 1], ws, [&](Workspace<T>& wk) {
+        for_each_tile(work, work.row_unit[ranges[part]], work.row_unit[ranges[part + 1]], ws, [&](Workspace<T>& wk) {
           K.tile_forward(m, r, in, wk);
           const T* z = wk.Z[m.L - 1].data();
           const int64_t M = wk.M;
@@ -611,9 +814,11 @@ GradTuple attention_pooling_stats_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(acc_s, "attention_pooling_stats_backward_cpu", [&] {
     using T = scalar_t;
     const Mlp<T> m = make_mlp<T>(r.D, weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias,
-                                 std::string(activation), eps);
+                                 std::string(activation), eps,
+                                 lowp_dtype<scalar_t>(query.scalar_type()));
     const GradLayout lay = grad_layout(m);
     const Inputs<T> in{ai.q.data_ptr<T>(), ai.k.data_ptr<T>()};
+    const Work work = make_units(r);
     const auto ranges = row_ranges(r);
     const int64_t n_ranges = static_cast<int64_t>(ranges.size()) - 1;
     const Kernels<T> K = kernels<T>();
@@ -624,11 +829,11 @@ GradTuple attention_pooling_stats_backward_cpu(
     const T* pmu = mu.data_ptr<T>();
     T* pgk = gk.data_ptr<T>();
     T* pgq = gq.data_ptr<T>();
-    at::parallel_for(0, n_ranges, 1, [&](int64_t lo, int64_t hi) {
+    for_each_part(n_ranges, [&](int64_t lo, int64_t hi) {
       Workspace<T> ws(m);
       for (int64_t part = lo; part < hi; ++part) {
         T* g = parts[part].data();
-        for_each_tile(r, ranges[part], ranges[part + 1], ws, [&](Workspace<T>& wk) {
+        for_each_tile(work, work.row_unit[ranges[part]], work.row_unit[ranges[part + 1]], ws, [&](Workspace<T>& wk) {
           K.tile_forward(m, r, in, wk);
           K.stats_dz(wk.Z[m.L - 1].data(), wk.M, H, pgm, pgv, pmu, n, wk.dZ.data());
           K.tile_backward(m, lay, r, in, wk, g, pgk, pgq);

@@ -28,6 +28,22 @@ dgemm_t dgemm() {
   return f;
 }
 
+namespace {
+using set_local_t = int (*)(int);
+set_local_t set_threads_local() {
+  static const set_local_t f = reinterpret_cast<set_local_t>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+  return f;
+}
+}  // namespace
+
+SequentialGuard::SequentialGuard() {
+  if (auto f = set_threads_local()) previous_ = f(1);
+}
+
+SequentialGuard::~SequentialGuard() {
+  if (auto f = set_threads_local()) f(previous_);  // 0 restores the global setting
+}
+
 }  // namespace blas
 }  // namespace cpu
 }  // namespace din_ops

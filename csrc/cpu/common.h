@@ -41,6 +41,20 @@ using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const
                          const int*);
 sgemm_t sgemm();
 dgemm_t dgemm();
+
+// Keeps the BLAS on the calling thread while alive (MKL_Set_Num_Threads_Local, where
+// linked): work run on one thread outside a parallel region must not be threaded by the BLAS,
+// whose result would then depend on the thread count.
+class SequentialGuard {
+ public:
+  SequentialGuard();
+  ~SequentialGuard();
+  SequentialGuard(const SequentialGuard&) = delete;
+  SequentialGuard& operator=(const SequentialGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
 }  // namespace blas
 
 // Row-major C[M, N] = alpha * op(A)[M, K] op(B)[K, N] + beta * C, without BLAS.

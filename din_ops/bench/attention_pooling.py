@@ -9,7 +9,12 @@
   float32 for half-precision inputs).
 - ``din_ops``: the fused op.
 
-Every provider takes the same :class:`Case` and returns ``out [B, D]``.
+Every provider takes the same :class:`Case` and returns ``out [B, D]``, or ``out [B, C, D]`` for
+a case with ``C`` candidates per row (serving: one user's history scored against C candidate
+items). din_ops takes ``query [B, C, D]`` with ``keys [B, T, D]`` directly; ``eager``,
+``compile`` and ``careful`` score candidates the way DeepCTR-Torch users do: the history
+expanded to one row per candidate (``keys [B*C, T, D]``, lengths repeated, ``query [B*C, D]``),
+then the ``[B, D]`` formulation.
 """
 from __future__ import annotations
 
@@ -27,14 +32,15 @@ from .common import OpBench, compile_fn, upcast
 
 @dataclasses.dataclass
 class Case:
-    query: torch.Tensor          # [B, D]
+    query: torch.Tensor          # [B, D], or [B, C, D] with C candidates
     keys: torch.Tensor           # [B, T, D]
     lengths: torch.Tensor        # [B]
     weights: List[torch.Tensor]  # nn.Linear layout, last is [1, H]
     biases: List[torch.Tensor]
     activation: str = "sigmoid"
     normalization: str = "none"
-    grad_out: Optional[torch.Tensor] = None  # [B, D], the output gradient of fwd+bwd
+    grad_out: Optional[torch.Tensor] = None  # shaped like query: the output gradient of fwd+bwd
+    C: Optional[int] = None      # candidates per row (query [B, C, D]); None: query [B, D]
 
     @property
     def dtype(self):
@@ -43,40 +49,66 @@ class Case:
     @property
     def shape(self):
         B, T, D = self.keys.shape
-        return dict(B=B, T=T, D=D, H="x".join(str(w.shape[0]) for w in self.weights[:-1]))
+        return dict(B=B, T=T, D=D, H="x".join(str(w.shape[0]) for w in self.weights[:-1]), C=self.C)
+
+    @property
+    def rows(self) -> int:
+        """Query rows: B, or B * C with candidates."""
+        return self.keys.shape[0] * (self.C or 1)
 
     def params(self) -> List[torch.Tensor]:
         return [self.query, self.keys, *self.weights, *self.biases]
 
 
 def make_case(B=2048, T=100, D=36, hidden=(80, 40), activation="sigmoid", normalization="none",
-              dtype=torch.float32, device="cpu", min_len=1, seed=0, requires_grad=False) -> Case:
-    """Random DIN inputs; lengths uniform in [min_len, T]. Drawn on the CPU, then moved, so every
-    device sees the same numbers."""
+              dtype=torch.float32, device="cpu", min_len=1, seed=0, requires_grad=False,
+              C: Optional[int] = None) -> Case:
+    """Random DIN inputs; lengths uniform in [min_len, T] (``min_len=T``: every history full).
+    ``C``: C candidate queries per row (``query [B, C, D]``). Drawn on the CPU, then moved, so
+    every device sees the same numbers."""
     g = torch.Generator().manual_seed(seed)
     dims = [4 * D, *hidden, 1]
+    qshape = (B, D) if C is None else (B, C, D)
 
     def t(*shape, s=1.0):
         x = (torch.randn(*shape, generator=g) * s).to(device=device, dtype=dtype)
         return x.requires_grad_(requires_grad)
 
     case = Case(
-        query=t(B, D), keys=t(B, T, D),
-        lengths=torch.randint(min_len, T + 1, (B,), generator=g).to(device),
+        query=t(*qshape), keys=t(B, T, D),
+        lengths=torch.randint(min(min_len, T), T + 1, (B,), generator=g).to(device),
         weights=[t(dims[i + 1], dims[i], s=dims[i] ** -0.5) for i in range(len(dims) - 1)],
         biases=[t(dims[i + 1], s=0.1) for i in range(len(dims) - 1)],
-        activation=activation, normalization=normalization,
+        activation=activation, normalization=normalization, C=C,
     )
-    case.grad_out = torch.randn(B, D, generator=g).to(device=device, dtype=dtype)
+    case.grad_out = torch.randn(*qshape, generator=g).to(device=device, dtype=dtype)
     return case
 
 
 _ACT = {"sigmoid": torch.sigmoid, "relu": torch.relu, "identity": lambda x: x}
 
 
+def per_candidate(query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor):
+    """How DeepCTR-Torch users score C candidates against one history: ``query [B, C, D]`` ->
+    ``[B*C, D]``, the history expanded to ``keys [B*C, T, D]`` (a view for B = 1; the layers
+    then materialize ``[B*C, T, 4D]``), lengths repeated."""
+    B, C, D = query.shape
+    T = keys.shape[1]
+    keys = keys.unsqueeze(1).expand(B, C, T, D).reshape(B * C, T, D)
+    return query.reshape(B * C, D), keys, lengths.repeat_interleave(C)
+
+
 def eager(c: Case) -> torch.Tensor:
-    """DeepCTR-Torch's formulation (LocalActivationUnit + AttentionSequencePoolingLayer)."""
-    query, keys = c.query.unsqueeze(1), c.keys
+    """DeepCTR-Torch's formulation (LocalActivationUnit + AttentionSequencePoolingLayer); with
+    candidates, on the history expanded to one row per candidate (:func:`per_candidate`)."""
+    if c.C is not None:
+        q, k, n = per_candidate(c.query, c.keys, c.lengths)
+        return _eager(q, k, n, c).view(c.query.shape)
+    return _eager(c.query, c.keys, c.lengths, c)
+
+
+def _eager(query, keys, lengths, c: Case) -> torch.Tensor:
+    query = query.unsqueeze(1)
     B, T, _ = keys.shape
     queries = query.expand(-1, T, -1)
     x = torch.cat([queries, keys, queries - keys, queries * keys], dim=-1)  # [B, T, 4D]
@@ -84,7 +116,7 @@ def eager(c: Case) -> torch.Tensor:
     for W, b in zip(c.weights[:-1], c.biases[:-1]):
         x = act(F.linear(x, W, b))
     score = F.linear(x, c.weights[-1], c.biases[-1]).transpose(1, 2)  # [B, 1, T]
-    mask = (torch.arange(T, device=keys.device).repeat(B, 1) < c.lengths.view(-1, 1)).unsqueeze(1)
+    mask = (torch.arange(T, device=keys.device).repeat(B, 1) < lengths.view(-1, 1)).unsqueeze(1)
     if c.normalization == "softmax":
         # DeepCTR's padding value: a row with no valid position gets uniform weights over its
         # padding here (the SPEC says zeros), so benchmark cases have lengths >= 1.
@@ -96,8 +128,15 @@ def eager(c: Case) -> torch.Tensor:
 
 
 def careful(c: Case) -> torch.Tensor:
-    """Valid positions only, first layer folded: W0 [q,k,q-k,q*k] = (Wq+Wd) q + (Wk-Wd) k + Wp (q*k)."""
-    query, keys, lengths = c.query, c.keys, c.lengths
+    """Valid positions only, first layer folded: W0 [q,k,q-k,q*k] = (Wq+Wd) q + (Wk-Wd) k + Wp (q*k).
+    With candidates, on the history expanded to one row per candidate (:func:`per_candidate`)."""
+    if c.C is not None:
+        q, k, n = per_candidate(c.query, c.keys, c.lengths)
+        return _careful(q, k, n, c).view(c.query.shape)
+    return _careful(c.query, c.keys, c.lengths, c)
+
+
+def _careful(query, keys, lengths, c: Case) -> torch.Tensor:
     B, T, D = keys.shape
     mask = torch.arange(T, device=keys.device)[None, :] < lengths[:, None]
     kv = keys[mask]                                                   # [N, D]
@@ -156,11 +195,14 @@ def reference(c: Case) -> torch.Tensor:
 
 def flops(c: Case, mode: str, valid_only: bool = True) -> float:
     """Useful FLOPs of the attention unit (valid positions, folded first layer): what din_ops must
-    do. Forward: per valid position ``2*D*H1`` (folded layer 0, plus ``D`` for ``q*k``), the
-    other layers, ``2*D`` for pooling; per row the folded query term ``2*4D*H1``.
-    ``fwd+bwd`` counts 3x forward (the usual input-gradient + weight-gradient convention)."""
+    do. Forward: per valid (candidate, position) pair ``2*D*H1`` (folded layer 0, plus ``D`` for
+    ``q*k``), the other layers, ``2*D`` for pooling; per query row (B, or B*C with candidates)
+    the folded query term ``2*4D*H1``. ``fwd+bwd`` counts 3x forward (the usual input-gradient +
+    weight-gradient convention)."""
     B, T, D = c.keys.shape
-    n = float(c.lengths.sum()) if valid_only else float(B * T)
+    Cn = c.C or 1
+    n = (float(c.lengths.sum()) if valid_only else float(B * T)) * Cn
+    B = B * Cn
     dims = [w.shape[0] for w in c.weights]
     per_pos = 2 * D * dims[0] + D + 2 * D
     for i in range(1, len(dims)):
@@ -171,11 +213,12 @@ def flops(c: Case, mode: str, valid_only: bool = True) -> float:
 
 def bytes_moved(c: Case, mode: str) -> float:
     """Fewest bytes: read the valid keys and the queries once and write the outputs; fwd+bwd
-    also reads the keys and the output gradient again and writes the key and query gradients."""
+    also reads the keys and the output gradient again and writes the key and query gradients.
+    With candidates the history is still read once (B*C query and output rows)."""
     B, T, D = c.keys.shape
     e = c.keys.element_size()
     n = float(c.lengths.sum())
-    fwd = (n * D + 2 * B * D) * e
+    fwd = (n * D + 2 * c.rows * D) * e
     return fwd * 2 + n * D * e if mode == "fwd+bwd" else fwd
 
 
@@ -184,21 +227,26 @@ class AttentionBench(OpBench):
     providers = PROVIDERS
 
     def case_key(self, shape):
-        return (shape["B"], shape["T"], shape["D"], tuple(shape["hidden"]))
+        return (shape["B"], shape["T"], shape["D"], tuple(shape["hidden"]), shape.get("C"),
+                shape.get("min_len", 1), shape.get("activation", "sigmoid"),
+                shape.get("normalization", "none"))
 
     def make_case(self, shape, dtype, device, seed=0):
         return make_case(B=shape["B"], T=shape["T"], D=shape["D"], hidden=tuple(shape["hidden"]),
                          activation=shape.get("activation", "sigmoid"),
-                         normalization=shape.get("normalization", "none"),
+                         normalization=shape.get("normalization", "none"), C=shape.get("C"),
+                         min_len=shape.get("min_len", 1),
                          dtype=dtype, device=device, seed=seed, requires_grad=True)
 
     def shape_dict(self, c):
         s = c.shape
-        return dict(B=s["B"], T=s["T"], D=s["D"], H=s["H"])
+        return dict(B=s["B"], T=s["T"], D=s["D"], H=s["H"], C=s["C"])
 
     def shape_str(self, c):
         s = c.shape
-        return f"B={s['B']} T={s['T']} D={s['D']} H={s['H']}"
+        cand = "" if s["C"] is None else f" C={s['C']}"
+        full = " full" if s["T"] > 1 and bool((c.lengths == s["T"]).all()) else ""  # every history T long
+        return f"B={s['B']}{cand} T={s['T']}{full} D={s['D']} H={s['H']}"
 
     def inputs(self, c):
         return c.params()

@@ -44,11 +44,27 @@ BENCHES: Dict[str, OpBench] = {b.name: b for b in (_attention.BENCH, _dice.BENCH
 HEADLINE = dict(B=2048, T=100, D=36, hidden=(80, 40))
 T_VALUES = (10, 50, 100, 500, 1000)
 
+# The issue's shapes for attention_pooling (D=36, hidden 80x40, sigmoid):
+# serving: one user (B=1), a full history of T positions, C candidates scored against it
+SERVING_C = (10, 100, 500, 2000)
+SERVING_T = (50, 200, 1000)
+SERVING_DEFAULT = ((100, 50), (500, 200), (2000, 1000))  # (C, T): the default preset's serving points
+# sweep: B x T, lengths uniform in 1..T (all 1 for T=1), inference and fwd+bwd
+SWEEP_T = (1, 5, 10, 50, 100, 500, 1000)
+SWEEP_B = (1, 32, 256, 2048)
+SWEEP_MODES = ("inference", "fwd+bwd")
+# targets the summary checks (eager time over din_ops time)
+TARGET_SERVING = 3.0
+TARGET_SWEEP = 2.0
+
 
 @dataclasses.dataclass
 class Preset:
     """What a run measures. ``shapes`` are (sweep tag, shape) in the order they run (the most
-    important first, so a run stopped by ``time_limit`` still has them)."""
+    important first, so a run stopped by ``time_limit`` still has them). A shape may restrict
+    its ``dtypes`` (to those of the run that it names; ``--dtypes`` overrides that: every shape in
+    each given dtype), ``ops`` and ``modes``. An op's case is run once per dtype (the first shape
+    that names it), with that shape's tag and modes."""
     shapes: List[Tuple[str, dict]]
     dtypes: Tuple[str, ...] = ("fp32",)
     gpu_dtypes: Tuple[str, ...] = ("fp32", "bf16")
@@ -62,42 +78,101 @@ class Preset:
     doc: str = ""
 
 
-def _shape(B, T, D=36, hidden=(80, 40), E=1_000_000, dtypes=None):
-    """A sweep point; ``dtypes`` restricts it to some of the run's dtypes."""
+def _shape(B, T, D=36, hidden=(80, 40), E=1_000_000, dtypes=None, C=None, min_len=None, ops=None,
+           modes=None):
+    """A sweep point; ``dtypes``, ``ops``, ``modes`` restrict it to some of the run's dtypes, ops
+    and modes; ``C``: attention with C candidates per row (query ``[B, C, D]``); ``min_len``:
+    lengths uniform in min_len..T (default 1; T: every history full)."""
     s = dict(B=B, T=T, D=D, hidden=tuple(hidden), E=E)
-    if dtypes:
-        s["dtypes"] = tuple(dtypes)
+    for k, v in dict(dtypes=dtypes, ops=ops, modes=modes).items():
+        if v:
+            s[k] = tuple(v)
+    if C is not None:
+        s["C"] = C
+    if min_len is not None:
+        s["min_len"] = min_len
     return s
+
+
+def _serving(C, T, dtypes=("fp32",), **kw):
+    """A serving point: one user (B=1) with a full history of T, C candidates, inference only."""
+    return ("serving", _shape(1, T, C=C, min_len=T, ops=("attention_pooling",), modes=("inference",),
+                              dtypes=dtypes, **kw))
+
+
+def _sweep(B, T, dtypes=("fp32",), **kw):
+    return ("sweep", _shape(B, T, ops=("attention_pooling",), modes=SWEEP_MODES, dtypes=dtypes, **kw))
 
 
 # The MBA update at the size of a production step: a 1M x 64 table, 200k lookups per batch,
 # uniform ids and Zipf(1.05) ids (a few hot items occur thousands of times).
 MBA_STEP = [(f"mba-{dist}", dict(B=2048, T=100, D=64, hidden=(80, 40), E=1_000_000, M=200_000, dist=dist,
-                                 ops=("mba_update",))) for dist in ("uniform", "zipf")]
+                                 ops=("mba_update",), dtypes=("fp32",))) for dist in ("uniform", "zipf")]
 
-SWEEP_BT = 25600  # the default preset's T sweep holds B * T here (1/8 of the headline's)
+# the headline shape: every op in fp32, attention also in bf16 (on CPU too: AVX-512/AMX bf16)
+HEADLINE_SHAPES = [("headline", _shape(**HEADLINE, dtypes=("fp32",))),
+                   ("headline", _shape(**HEADLINE, dtypes=("bf16",), ops=("attention_pooling",)))]
 
+# the default preset's reduced sweep, (B, T): T=1000 at B=256 only (B=2048 x T=1000 alone takes a
+# minute or more on 2 cores: eager's fwd+bwd is seconds a step); the sweep preset has every point
+DEFAULT_SWEEP = ((2048, 10), (2048, 500), (256, 10), (256, 100), (256, 1000))
 
 PRESETS: Dict[str, Preset] = {
     "tiny": Preset(
-        shapes=[("T", _shape(32, 10, 8, (16, 8), E=5000)), ("T", _shape(32, 50, 8, (16, 8), E=5000))],
+        shapes=[("T", _shape(32, 10, 8, (16, 8), E=5000, dtypes=("fp32",))),
+                ("T", _shape(32, 50, 8, (16, 8), E=5000, dtypes=("fp32",))),
+                ("serving", _shape(1, 20, 8, (16, 8), C=5, min_len=20, ops=("attention_pooling",),
+                                   modes=("inference",), dtypes=("fp32",))),
+                ("sweep", _shape(32, 10, 8, (16, 8), ops=("attention_pooling",), modes=SWEEP_MODES,
+                                 dtypes=("bf16",)))],
+        dtypes=("fp32", "bf16"),
         skip_providers=("compile",), budget_s=0.02, min_reps=3, max_reps=10, calibration_scale=1 / 32,
-        doc="seconds; no torch.compile (its first compilation alone takes 10+ s on a CPU): the CI smoke run"),
+        doc="seconds; no torch.compile (its first compilation alone takes 10+ s on a CPU): the CI smoke "
+            "run (two T values for every op, one serving point with C=5 candidates, attention in bf16)"),
     "quick": Preset(
-        shapes=[("headline", _shape(**HEADLINE))] + MBA_STEP,
-        doc="the headline shape only (B=2048, T=100, D=36, hidden 80x40)"),
+        shapes=HEADLINE_SHAPES + MBA_STEP,
+        dtypes=("fp32", "bf16"),
+        doc="the headline shape only (B=2048, T=100, D=36, hidden 80x40; attention in fp32 and bf16)"),
     "default": Preset(
-        shapes=[("headline", _shape(**HEADLINE))] + MBA_STEP + [("T", _shape(SWEEP_BT // T, T)) for T in T_VALUES],
-        budget_s=0.4, min_reps=3, max_reps=30, memory_tags=("headline",),
-        doc=f"the headline shape (B=2048, T=100), then a T sweep 10..1000 at B*T = {SWEEP_BT} (peak "
-            "memory at the headline shape only); about 2 minutes on 2 idle CPU cores"),
+        shapes=HEADLINE_SHAPES + MBA_STEP
+        + [_serving(C, T) for C, T in SERVING_DEFAULT]
+        + [_sweep(B, T) for B, T in DEFAULT_SWEEP],
+        dtypes=("fp32", "bf16"),
+        budget_s=0.3, min_reps=3, max_reps=30, memory_tags=("headline",),
+        doc="the headline shape (B=2048, T=100; every op fp32, attention also bf16), serving points "
+            "(B=1, C x T = 100x50, 500x200, 2000x1000, inference, fp32) and a reduced attention T sweep "
+            "(B=2048: T=10, 100, 500; B=256: T=10, 100, 1000; inference and fwd+bwd, fp32); peak memory "
+            "at the headline shape only; about 4 minutes on 2 idle CPU cores"),
+    "serving": Preset(
+        shapes=[_serving(C, T) for T in SERVING_T for C in SERVING_C],
+        budget_s=0.3, min_reps=3, max_reps=30,
+        doc=f"attention serving: one user (B=1) with a full history of T in {SERVING_T}, C in {SERVING_C} "
+            "candidates (din_ops: query [1, C, D]; eager, compile, careful: the history expanded to C "
+            "rows), inference only, fp32"),
+    "sweep": Preset(
+        shapes=[_sweep(B, T) for B in reversed(SWEEP_B) for T in SWEEP_T]
+        + [_sweep(2048, T, dtypes=("bf16",)) for T in SWEEP_T],
+        dtypes=("fp32", "bf16"),
+        budget_s=0.2, min_reps=3, max_reps=30, memory_tags=(),
+        doc=f"attention B x T sweep: T in {SWEEP_T} (lengths uniform in 1..T), B in {SWEEP_B}, inference "
+            "and fwd+bwd, fp32, and bf16 at B=2048; every point kept, B=2048 x T=1000 included (eager "
+            "fwd+bwd: seconds per step, GBs), so a measurement is 3 runs at least, 0.2 s otherwise; no "
+            "peak memory"),
     "full": Preset(
-        shapes=[("T", _shape(2048, T)) for T in T_VALUES]
-        + [("B", _shape(B, 100)) for B in (256, 1024, 4096)]
-        + [("D", _shape(2048, 100, D)) for D in (16, 64, 128)]
-        + [("H", _shape(2048, 100, 36, H)) for H in ((64, 16), (200, 80, 40))],
-        budget_s=1.0, min_reps=7, max_reps=100,
-        doc="T sweep at B=2048, then batch, embedding width and hidden-size sweeps at T=100"),
+        shapes=HEADLINE_SHAPES + MBA_STEP
+        + [_serving(C, T) for T in SERVING_T for C in SERVING_C]
+        + [_sweep(B, T) for B in reversed(SWEEP_B) for T in SWEEP_T]
+        + [_sweep(2048, T, dtypes=("bf16",)) for T in SWEEP_T]
+        + [("sweep", _shape(2048, T, ops=("dice", "mba_update"), dtypes=("fp32",))) for T in T_VALUES]
+        + [("D", _shape(2048, 100, D, ops=("attention_pooling",), dtypes=("fp32",))) for D in (16, 64, 128)]
+        + [("H", _shape(2048, 100, 36, H, ops=("attention_pooling",), dtypes=("fp32",)))
+           for H in ((64, 16), (200, 80, 40))],
+        dtypes=("fp32", "bf16"),
+        budget_s=0.5, min_reps=3, max_reps=50, memory_tags=("headline", "sweep"),
+        doc="everything, for the committed results: the headline (fp32 and bf16), the MBA step, all "
+            "serving points, the full B x T sweep (fp32; bf16 at B=2048), Dice and MBA over T at "
+            "B=2048, and embedding width and hidden-size variations at the headline; peak memory "
+            "of fwd+bwd at the headline and the sweep"),
     "gpu": Preset(
         shapes=[("T", _shape(2048, 100)), ("T", _shape(2048, 1000))]
         + [("T", _shape(2048, T, dtypes=("fp32",))) for T in (10, 500, 50)]
@@ -175,12 +250,13 @@ class Row:
 class Runner:
     def __init__(self, device, preset: Preset, ops: Sequence[str], providers: Optional[Sequence[str]],
                  dtypes: Sequence[str], memory: bool, out: str, name: str, log=print,
-                 allocator: str = "allocator default"):
+                 allocator: str = "allocator default", dtypes_given: bool = False):
         self.device = torch.device(device)
         self.preset = preset
         self.ops = list(ops)
         self.providers = providers
         self.dtypes = list(dtypes)
+        self.dtypes_given = dtypes_given  # --dtypes: every shape in these (the shapes' own lists ignored)
         self.memory = memory
         self.out = out
         self.name = name
@@ -243,14 +319,20 @@ class Runner:
                     self.log(f"  {op:18s} {provider:12s} ok (max relative error {worst:.1e})")
         return bad
 
+    @staticmethod
+    def modes_of(bench: OpBench, shape: dict) -> List[str]:
+        """The op's modes a shape measures (its ``modes``, default all)."""
+        return [m for m in bench.modes if m in shape.get("modes", bench.modes)]
+
     def cases(self):
         """(op, dtype, tag, shape) in run order, each op's identical cases once."""
         dtypes = self.dtypes
         seen = set()
         for tag, shape in self.preset.shapes:
-            for dt in [d for d in dtypes if d in shape.get("dtypes", dtypes)]:
+            allowed = dtypes if self.dtypes_given else shape.get("dtypes", dtypes)
+            for dt in [d for d in dtypes if d in allowed]:
                 for op in self.ops:
-                    if op not in shape.get("ops", (op,)):
+                    if op not in shape.get("ops", (op,)) or not self.modes_of(BENCHES[op], shape):
                         continue
                     bench = BENCHES[op]
                     key = (op, dt, bench.case_key(shape))
@@ -270,7 +352,8 @@ class Runner:
         self.log("  " + self.machine.summary())
 
         cases = list(self.cases())
-        total = sum(len(self.provider_names(BENCHES[op])) * len(BENCHES[op].modes) for op, *_ in cases)
+        total = sum(len(self.provider_names(BENCHES[op])) * len(self.modes_of(BENCHES[op], shape))
+                    for op, _, _, shape in cases)
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc="benchmark", unit="row", file=sys.stderr, dynamic_ncols=True,
@@ -285,7 +368,7 @@ class Runner:
             writer.writeheader()
             for op, dt, tag, shape in cases:
                 bench = BENCHES[op]
-                n_rows = len(self.provider_names(bench)) * len(bench.modes)
+                n_rows = len(self.provider_names(bench)) * len(self.modes_of(bench, shape))
                 limit = self.preset.time_limit_s
                 if stopped or (limit is not None and time.perf_counter() - t_start > limit):
                     stopped = stopped or f"time limit ({limit:.0f} s) reached"
@@ -315,6 +398,9 @@ class Runner:
         if skipped:
             self.log(f"*** {stopped}: {skipped} rows not run")
         self.log(self.headline())
+        tables = self.targets()
+        if tables:
+            self.log("\n" + "\n".join(tables))
         md_path = os.path.join(self.out, f"{self.name}_summary.md")
         with open(md_path, "w") as f:
             f.write(self.markdown())
@@ -342,7 +428,7 @@ class Runner:
         rows = []
         for provider in self.provider_names(bench):
             why = bad.get((bench.name, provider)) or bench.available(provider, self.device)
-            for mode in bench.modes:
+            for mode in self.modes_of(bench, shape):
                 row = Row(bench.name, provider, mode, dt, sd, ss, tag,
                           flops=bench.flops(case, mode), bytes=bench.bytes_moved(case, mode))
                 rows.append(row)
@@ -462,9 +548,9 @@ class Runner:
     def headline(self) -> str:
         """The numbers the README quotes: attention at B=2048, T=100, D=36, hidden (80, 40), Dice and
         MBA at the same batch."""
-        lines = ["", "=== headline (fp32; B=2048, T=100, D=36, hidden 80x40) ==="]
+        lines = ["", "=== headline (B=2048, T=100, D=36, hidden 80x40; fp32 unless marked bf16) ==="]
         hs = dict(B=2048, T=100)
-        att = dict(D=36, H="80x40", **hs)
+        att = dict(D=36, H="80x40", C=None, **hs)
         found = False
         for mode in ("inference", "fwd", "fwd+bwd"):
             d = self._find("attention_pooling", "din_ops", mode, **att)
@@ -482,6 +568,23 @@ class Runner:
                 e = self._find("attention_pooling", "eager", mode, **att)
                 if e is not None and e.mem:
                     parts.append(f"peak memory {d.mem / 2 ** 20:.1f} MiB = {d.mem / e.mem:.3f} of eager's")
+            lines.append(", ".join(parts))
+        for mode in ("inference", "fwd", "fwd+bwd"):
+            d = self._find("attention_pooling", "din_ops", mode, "bf16", **att)
+            if d is None:
+                continue
+            found = True
+            parts = [f"attention bf16 {mode:9s}: din_ops {d.ms:8.3f} ms"]
+            for base in ("eager", "compile", "careful"):
+                b = self._find("attention_pooling", base, mode, "bf16", **att)
+                if b is not None:
+                    parts.append(f"{b.ms / d.ms:5.1f}x vs {base} bf16")
+            f = self._find("attention_pooling", "din_ops", mode, "fp32", **att)
+            if f is not None:
+                parts.append(f"{f.ms / d.ms:4.2f}x vs din_ops fp32 ({f.ms:.3f} ms)")
+            e = self._find("attention_pooling", "eager", mode, "fp32", **att)
+            if e is not None:
+                parts.append(f"{e.ms / d.ms:5.1f}x vs eager fp32")
             lines.append(", ".join(parts))
         for op, shape in (("dice", dict(C=80, **hs)), ("mba_update", dict(D=36, **hs))):
             for mode in BENCHES[op].modes:
@@ -514,6 +617,89 @@ class Runner:
                 lines.append(", ".join(parts))
         return "\n".join(lines) if found else ""
 
+    # --- the issue's targets: serving, sweep and bf16 ratios --------------------------------------
+    def _att(self, provider, mode, dtype, **shape) -> Optional[Row]:
+        return self._find("attention_pooling", provider, mode, dtype, **shape)
+
+    def _ratio_cells(self, d: Row, mode: str, dtype: str, bases=("eager", "compile", "careful"), **shape):
+        out = []
+        for base in bases:
+            b = self._att(base, mode, dtype, **shape)
+            out.append(b.ms / d.ms if b is not None else None)
+        return out
+
+    def targets(self) -> List[str]:
+        """Markdown tables of attention's serving, sweep and bf16 ratios (a provider's median time over
+        din_ops'), with the issue's targets: serving >= 3x eager, sweep >= 2x eager (inference and
+        fwd+bwd), bf16 against din_ops fp32 and eager bf16. Empty where the run has no such rows."""
+        att = [r for r in self.rows if r.op == "attention_pooling" and r.ms is not None]
+        out: List[str] = []
+        x = lambda v: _fmt(v, ".2f") + ("x" if v is not None else "")  # noqa: E731
+
+        serving = sorted({(r.shape["T"], r.shape["C"], r.shape["B"], r.dtype) for r in att
+                          if r.shape.get("C") is not None and r.provider == "din_ops" and r.mode == "inference"})
+        if serving:
+            out += [f"## serving: C candidates against one user's full history of T (inference); target "
+                    f"eager/din_ops >= {TARGET_SERVING:g}x", "",
+                    "| B | C | T | dtype | din_ops ms | eager/din_ops | compile/din_ops | careful/din_ops | target |",
+                    "|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+            for T, C, B, dt in serving:
+                sh = dict(B=B, C=C, T=T)
+                d = self._att("din_ops", "inference", dt, **sh)
+                cells = self._ratio_cells(d, "inference", dt, **sh)
+                ok = "" if cells[0] is None else ("met" if cells[0] >= TARGET_SERVING else "**missed**")
+                out.append(f"| {B} | {C} | {T} | {dt} | {d.ms:.3f} | " + " | ".join(x(c) for c in cells) + f" | {ok} |")
+            out.append("")
+
+        sweep_tags = ("sweep", "headline", "T")
+        sweep = [r for r in att if r.shape.get("C") is None and r.sweep in sweep_tags and r.mode in SWEEP_MODES
+                 and r.provider == "din_ops"]
+        for dt in [d for d in DTYPES if any(r.dtype == d for r in sweep)]:
+            for mode in SWEEP_MODES:
+                pts: Dict[Tuple[int, int], Row] = {}
+                for r in sweep:
+                    if r.dtype == dt and r.mode == mode:
+                        pts.setdefault((r.shape["B"], r.shape["T"]), r)
+                if not pts:
+                    continue
+                Bs = sorted({b for b, _ in pts})
+                Ts = sorted({t for _, t in pts})
+                out += [f"## sweep: attention {mode} {dt}; eager / compile / careful time over din_ops'; "
+                        f"target eager/din_ops >= {TARGET_SWEEP:g}x", "",
+                        "| T \\ B | " + " | ".join(str(b) for b in Bs) + " |", "|---:|" + "---:|" * len(Bs)]
+                missed = []
+                for T in Ts:
+                    cells = []
+                    for B in Bs:
+                        d = pts.get((B, T))
+                        if d is None:
+                            cells.append("")
+                            continue
+                        e, c, k = self._ratio_cells(d, mode, dt, B=B, T=T, C=None, D=d.shape["D"], H=d.shape["H"])
+                        first = _fmt(e, ".1f")
+                        if e is not None and e < TARGET_SWEEP:
+                            first = f"**{first}**"
+                            missed.append(f"B={B} T={T}")
+                        cells.append(f"{first} / {_fmt(c, '.1f')} / {_fmt(k, '.1f')}")
+                    out.append(f"| {T} | " + " | ".join(cells) + " |")
+                out += ["", f"below the target (bold): {', '.join(missed) if missed else 'none'}", ""]
+
+        bf = [r for r in att if r.dtype == "bf16" and r.provider == "din_ops"]
+        if bf:
+            out += ["## bf16: din_ops bf16 against din_ops fp32 and against the other providers in bf16 "
+                    "(and eager fp32)", "",
+                    "| shape | mode | din_ops bf16 ms | din_ops fp32/bf16 | eager bf16/din_ops | "
+                    "compile bf16/din_ops | careful bf16/din_ops | eager fp32/din_ops bf16 |",
+                    "|---|---|---:|---:|---:|---:|---:|---:|"]
+            for r in bf:
+                sh = {k: r.shape.get(k) for k in ("B", "T", "D", "H", "C")}
+                f32 = self._ratio_cells(r, r.mode, "fp32", bases=("din_ops", "eager"), **sh)
+                b16 = self._ratio_cells(r, r.mode, "bf16", **sh)
+                out.append(f"| {r.shape_str} | {r.mode} | {r.ms:.3f} | {x(f32[0])} | "
+                           + " | ".join(x(c) for c in b16) + f" | {x(f32[1])} |")
+            out.append("")
+        return out
+
     def markdown(self) -> str:
         m = self.machine
         out = [f"# din_ops benchmark: {m.name}", "",
@@ -526,6 +712,7 @@ class Runner:
         head = self.headline()
         if head:
             out += ["```", head.strip(), "```", ""]
+        out += self.targets()
         groups: Dict[tuple, List[Row]] = {}
         for r in self.rows:
             groups.setdefault((r.op, r.shape_str, r.dtype), []).append(r)
@@ -535,67 +722,201 @@ class Runner:
 
 
 # --- plot -----------------------------------------------------------------------------------------
+_B_COLORS = ("tab:purple", "tab:green", "tab:orange", "tab:blue", "tab:red", "tab:brown", "tab:gray")
+_DT_STYLES = {"fp32": "-", "bf16": "--", "fp16": ":", "fp64": "-."}
+_PROV_COLORS = {"compile": "tab:orange", "careful": "tab:green", "din_ops": "tab:blue", "eager_sparse": "tab:gray",
+                "eager_masked": "tab:purple"}
+
+
+def _log_axes(ax, xs, xlabel, title):
+    from matplotlib import ticker
+
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    xs = sorted(set(xs))
+    ax.xaxis.set_major_locator(ticker.FixedLocator(xs))
+    ax.xaxis.set_major_formatter(ticker.FixedFormatter([str(v) for v in xs]))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}x"))
+    ax.yaxis.set_minor_locator(ticker.NullLocator())
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _ratio(rows: List[dict], r: dict, base: str) -> Optional[float]:
+    """``base``'s median time over ``r``'s at the same op, shape, mode and dtype (None if absent)."""
+    for b in rows:
+        if (b["op"], b["shape"], b["mode"], b["dtype"], b["provider"]) == (r["op"], r["shape"], r["mode"],
+                                                                          r["dtype"], base) and b["median_ms"]:
+            return float(b["median_ms"]) / float(r["median_ms"])
+    return None
+
+
 def plot(csv_path: str, png_path: str) -> None:
-    """Speedup over eager against T, one panel per op and mode, a line per provider and dtype, from
-    the rows of the T sweep."""
+    """The speedups of a run, from its CSV:
+
+    - attention sweep: din_ops' speedup over eager against T, a line per B (fp32 solid, bf16
+      dashed: over eager bf16), a panel per mode;
+    - bf16 at the headline shape: din_ops bf16 over eager, compile, careful bf16 and din_ops fp32;
+    - serving: din_ops' speedup over eager, compile and careful against C, a line per T;
+    - the other ops' T sweep (Dice, MBA), a line per provider, dtype and B.
+
+    Rows missing from the CSV leave their panels out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib import ticker
 
     with open(csv_path) as f:
-        rows = [r for r in csv.DictReader(f) if r["speedup_vs_eager"] and r["sweep"] == "T"]
-    if not rows:
-        rows = []
-    ops = [op for op in BENCHES if any(r["op"] == op for r in rows)]
-    if not ops:
+        rows = [r for r in csv.DictReader(f) if r["median_ms"]]
+    att = [r for r in rows if r["op"] == "attention_pooling"]
+    sweep_tags = ("sweep", "headline", "T")
+    sweep = [r for r in att if not r["C"] and r["sweep"] in sweep_tags and r["provider"] == "din_ops"
+             and r["mode"] in SWEEP_MODES]
+    # a headline-only run (one point per B) has no sweep to draw
+    if len({r["T"] for r in sweep}) < 2:
+        sweep = []
+    serving = [r for r in att if r["C"] and r["provider"] == "din_ops"]
+    bf16 = [r for r in att if r["dtype"] == "bf16" and r["provider"] == "din_ops" and r["sweep"] == "headline"]
+    others = [r for r in rows if r["op"] != "attention_pooling" and r["sweep"] in ("sweep", "T")
+              and r["speedup_vs_eager"] and r["provider"] != "eager"]
+    other_ops = [op for op in BENCHES if any(r["op"] == op for r in others)]
+    # tiny/legacy CSVs: attention's T sweep without B variety still draws in the sweep panels
+
+    panels: List[List[Tuple[str, object]]] = []
+    if sweep or bf16:
+        row = [("sweep", m) for m in SWEEP_MODES if any(r["mode"] == m for r in sweep)]
+        if bf16:
+            row.append(("bf16", None))
+        panels.append(row)
+    if serving:
+        panels.append([("serving", b) for b in ("eager", "compile", "careful")
+                       if any(_ratio(att, r, b) for r in serving)])
+    for op in other_ops:
+        panels.append([("other", (op, m)) for m in BENCHES[op].modes if any(
+            r["op"] == op and r["mode"] == m for r in others)])
+    panels = [p for p in panels if p]
+    if not panels:
         fig, ax = plt.subplots(figsize=(5, 3))
-        ax.text(0.5, 0.5, "no timed rows", ha="center", va="center")
+        ax.text(0.5, 0.5, "no timed rows to plot", ha="center", va="center")
         fig.savefig(png_path, dpi=100)
         plt.close(fig)
         return
-    ncols = max(len(BENCHES[op].modes) for op in ops)
-    fig, axes = plt.subplots(len(ops), ncols, figsize=(4.2 * ncols, 3.3 * len(ops)), squeeze=False)
-    device_name = rows[0]["device_name"]
-    styles = {"fp32": "-", "bf16": "--", "fp16": ":", "fp64": "-."}
-    colors = {"compile": "tab:orange", "careful": "tab:green", "din_ops": "tab:blue", "eager_sparse": "tab:gray",
-              "eager_masked": "tab:purple"}
-    for i, op in enumerate(ops):
-        modes = BENCHES[op].modes
+    ncols = max(len(p) for p in panels)
+    fig, axes = plt.subplots(len(panels), ncols, figsize=(4.4 * ncols, 3.5 * len(panels)), squeeze=False)
+    for i, prow in enumerate(panels):
         for j in range(ncols):
             ax = axes[i][j]
-            if j >= len(modes):
+            if j >= len(prow):
                 ax.axis("off")
                 continue
-            mode = modes[j]
-            sel = [r for r in rows if r["op"] == op and r["mode"] == mode and r["provider"] != "eager"]
-            for (prov, dt) in sorted({(r["provider"], r["dtype"]) for r in sel}):
-                pts = sorted((int(r["T"]), float(r["speedup_vs_eager"])) for r in sel
-                             if r["provider"] == prov and r["dtype"] == dt)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(dt, "-"), marker="o",
-                            color=colors.get(prov), label=f"{prov} {dt}")
-            ax.axhline(1.0, color="black", lw=0.8)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.xaxis.set_major_locator(ticker.FixedLocator(T_VALUES))
-            ax.xaxis.set_major_formatter(ticker.FixedFormatter([str(t) for t in T_VALUES]))
-            ax.xaxis.set_minor_locator(ticker.NullLocator())
-            ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}x"))
-            ax.yaxis.set_minor_locator(ticker.NullLocator())
-            ax.set_title(f"{op}: {mode}", fontsize=10)
-            ax.set_xlabel("T (history length; lengths uniform in 1..T)", fontsize=8)
-            ax.set_ylabel("speedup over eager", fontsize=8)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-    batches = sorted({(int(r["T"]), int(r["B"])) for r in rows})
-    fig.suptitle(f"din_ops vs PyTorch on {device_name} ({rows[0]['dtype'] if len({r['dtype'] for r in rows}) == 1 else 'dtypes as labelled'})\n"
-                 "B per T: " + ", ".join(f"T={t}: B={b}" for t, b in batches), fontsize=10)
+            kind, arg = prow[j]
+            if kind == "sweep":
+                _plot_sweep(ax, att, sweep, arg)
+            elif kind == "bf16":
+                _plot_bf16(ax, att, bf16)
+            elif kind == "serving":
+                _plot_serving(ax, att, serving, arg)
+            else:
+                _plot_other(ax, others, *arg)
+    dev = rows[0]["device_name"]
+    fig.suptitle(f"din_ops vs PyTorch on {dev} ({rows[0]['threads']} threads): speedup = provider's median "
+                 "time / din_ops'", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
+
+
+def _plot_sweep(ax, att, sweep, mode):
+    sel = [r for r in sweep if r["mode"] == mode]
+    Bs = sorted({int(r["B"]) for r in sel})
+    for k, B in enumerate(Bs):
+        for dt in [d for d in DTYPES if any(r["dtype"] == d for r in sel)]:
+            pts = {}
+            for r in sel:
+                if int(r["B"]) == B and r["dtype"] == dt:
+                    v = _ratio(att, r, "eager")
+                    if v:
+                        pts.setdefault(int(r["T"]), v)
+            if pts:
+                ts = sorted(pts)
+                ax.plot(ts, [pts[t] for t in ts], _DT_STYLES.get(dt, "-"), marker="o" if dt == "fp32" else "s",
+                        ms=4, color=_B_COLORS[k % len(_B_COLORS)], label=f"B={B} {dt}")
+    ax.axhline(TARGET_SWEEP, color="tab:red", lw=0.8, ls=":", label=f"target {TARGET_SWEEP:g}x")
+    _log_axes(ax, [int(r["T"]) for r in sel], "T (history length; lengths uniform in 1..T)",
+              f"attention sweep: {mode}, din_ops vs eager")
+    ax.set_ylabel("eager time / din_ops time", fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
+
+
+def _plot_serving(ax, att, serving, base):
+    Ts = sorted({int(r["T"]) for r in serving})
+    dts = [d for d in DTYPES if any(r["dtype"] == d for r in serving)]
+    for k, T in enumerate(Ts):
+        for dt in dts:
+            pts = sorted((int(r["C"]), _ratio(att, r, base)) for r in serving if int(r["T"]) == T and r["dtype"] == dt)
+            pts = [p for p in pts if p[1]]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], _DT_STYLES.get(dt, "-"),
+                        marker="o" if dt == "fp32" else "s", ms=4, color=_B_COLORS[(k + 1) % len(_B_COLORS)],
+                        label=f"T={T}" + (f" {dt}" if len(dts) > 1 else ""))
+    if base == "eager":
+        ax.axhline(TARGET_SERVING, color="tab:red", lw=0.8, ls=":", label=f"target {TARGET_SERVING:g}x")
+    B = serving[0]["B"]
+    _log_axes(ax, [int(r["C"]) for r in serving], "C (candidates against one full history of T)",
+              f"serving (B={B}, inference): din_ops vs {base}")
+    ax.set_ylabel(f"{base} time / din_ops time", fontsize=8)
+    ax.legend(fontsize=7)
+
+
+def _plot_bf16(ax, att, bf16):
+    modes = [m for m in ("inference", "fwd", "fwd+bwd") if any(r["mode"] == m for r in bf16)]
+    bars = (("eager", "bf16", "eager bf16"), ("compile", "bf16", "compile bf16"),
+            ("careful", "bf16", "careful bf16"), ("din_ops", "fp32", "din_ops fp32"))
+    colors = ("tab:gray", "tab:orange", "tab:green", "tab:blue")
+    width = 0.8 / len(bars)
+    for k, (base, dt, label) in enumerate(bars):
+        vals = []
+        for m in modes:
+            d = next(r for r in bf16 if r["mode"] == m)
+            v = None
+            for b in att:
+                if (b["shape"], b["mode"], b["dtype"], b["provider"]) == (d["shape"], m, dt, base):
+                    v = float(b["median_ms"]) / float(d["median_ms"])
+            vals.append(v)
+        xs = [i + (k - (len(bars) - 1) / 2) * width for i in range(len(modes))]
+        ax.bar([x for x, v in zip(xs, vals) if v], [v for v in vals if v], width, color=colors[k],
+               label=f"vs {label}")
+        for xx, v in zip(xs, vals):
+            if v:
+                ax.text(xx, v, f"{v:.1f}", ha="center", va="bottom", fontsize=6)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(modes)))
+    ax.set_xticklabels(modes, fontsize=8)
+    ax.set_ylabel("other time / din_ops bf16 time", fontsize=8)
+    ax.set_title(f"din_ops bf16 at {bf16[0]['shape']}", fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    top = max([p.get_height() for p in ax.patches] + [1.0])
+    ax.set_ylim(0, top * 1.45)
+    ax.legend(fontsize=6, ncol=2, loc="upper center")
+
+
+def _plot_other(ax, others, op, mode):
+    sel = [r for r in others if r["op"] == op and r["mode"] == mode]
+    Bs = sorted({int(r["B"]) for r in sel})
+    for prov, dt, B in sorted({(r["provider"], r["dtype"], int(r["B"])) for r in sel}):
+        pts = sorted((int(r["T"]), float(r["speedup_vs_eager"])) for r in sel
+                     if (r["provider"], r["dtype"], int(r["B"])) == (prov, dt, B))
+        label = f"{prov} {dt}" + (f" B={B}" if len(Bs) > 1 else "")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], _DT_STYLES.get(dt, "-"), marker="o", ms=4,
+                color=_PROV_COLORS.get(prov), label=label)
+    _log_axes(ax, [int(r["T"]) for r in sel], "T (lengths uniform in 1..T)"
+              + (f", B={Bs[0]}" if len(Bs) == 1 else ""), f"{op}: {mode}")
+    ax.set_ylabel("speedup over eager", fontsize=8)
+    ax.legend(fontsize=6)
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -613,8 +934,9 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="file name prefix (default: cpu / gpu)")
     p.add_argument("--ops", default=",".join(BENCHES), help="comma-separated subset of " + ", ".join(BENCHES))
     p.add_argument("--providers", default=None, help="comma-separated subset of the providers")
-    p.add_argument("--dtypes", default=None, help="comma-separated, e.g. fp32,bf16 (default: fp32 on CPU, "
-                                                  "fp32,bf16 on CUDA)")
+    p.add_argument("--dtypes", default=None, help="comma-separated, e.g. fp32,bf16: every shape in each of "
+                                                  "them (default: the preset's, e.g. on CPU the default "
+                                                  "preset runs bf16 at the headline shape only)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--malloc-default", action="store_true",
                    help="CPU: leave glibc's allocator as it is (by default the runner makes it keep freed "
@@ -661,7 +983,7 @@ def main(argv=None) -> int:
         allocator = keep_freed_memory()
     print(f"preset {preset_name}: {preset.doc}")
     runner = Runner(device, preset, ops, providers, dtypes, memory=not args.no_memory, out=args.out,
-                    name=name, allocator=allocator)
+                    name=name, allocator=allocator, dtypes_given=bool(args.dtypes))
 
     def stop(signum, frame):
         raise KeyboardInterrupt
