@@ -57,7 +57,7 @@ void transform_rows(const S* __restrict__ x, S* __restrict__ y, int64_t nrows, i
       const __m512 v = v512::load(xi + c, m);
       const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(v, v512::load(k.mean + c, m)),
                                        v512::load(gr.data() + c, m), v512::load(k.beta + c, m));
-      const __m512 p = v512::sigmoid(z);
+      const __m512 p = v512::sigmoid<S>(z);
       const __m512 av = _mm512_mul_ps(v512::load(k.alpha + c, m), v);
       v512::store(yi + c, m, _mm512_fmadd_ps(p, _mm512_sub_ps(v, av), av));
     }
@@ -77,7 +77,7 @@ void backward_reduce_rows(const S* __restrict__ g, const S* __restrict__ x, int6
       const __m512 v = v512::load(x + i * C + c, m);
       const __m512 gv = v512::load(g + i * C + c, m);
       const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(v, q.mu), q.rs);
-      const __m512 p = v512::sigmoid(_mm512_fmadd_ps(q.ga, xh, q.be));
+      const __m512 p = v512::sigmoid<S>(_mm512_fmadd_ps(q.ga, xh, q.be));
       const __m512 gx = _mm512_mul_ps(gv, v);
       const __m512 omp = _mm512_sub_ps(one, p);
       const __m512 h = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(gx, _mm512_sub_ps(one, q.al)), p), omp);
@@ -100,7 +100,7 @@ void backward_dx_rows(const S* __restrict__ g, const S* __restrict__ x, S* __res
       const __m512 v = v512::load(x + i * C + c, m);
       const __m512 gv = v512::load(g + i * C + c, m);
       const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(v, q.mu), q.rs);
-      const __m512 p = v512::sigmoid(_mm512_fmadd_ps(q.ga, xh, q.be));
+      const __m512 p = v512::sigmoid<S>(_mm512_fmadd_ps(q.ga, xh, q.be));
       const __m512 oma = _mm512_sub_ps(one, q.al);
       const __m512 h = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(gv, v), oma), p), _mm512_sub_ps(one, p));
       __m512 t = h;

@@ -53,16 +53,15 @@ inline void store(c10::Half* p, __mmask16 m, __m512 v) {
   store16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-// exp(-z) for z in [-88, 88] (the caller clamps): 2^(n + f), n = round(-z log2 e), f in
-// [-1/2, 1/2] taken with log2 e split in two so that f is nearly exact, 2^f by its degree-6
-// Taylor polynomial (relative error ~2e-7), 2^n by scalef.
+// exp(-z) for z >= -88 (the caller clamps): 2^(n + f), n = round(-z log2 e), f in [-1/2, 1/2]
+// by one fused multiply-subtract, 2^f by its degree-5 Taylor polynomial, 2^n by scalef (0 below
+// the float range). Relative error ~2e-6, well inside what the sigmoid's result needs: the loop
+// is bound by its floating-point operations, so each one counts.
 inline __m512 exp_neg(__m512 z) {
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(-1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_fmsub_ps(z, _mm512_set1_ps(-1.44269502162933350f), n);
-  f = _mm512_fmadd_ps(z, _mm512_set1_ps(-1.92596299e-08f), f);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  const __m512 f = _mm512_fmsub_ps(z, _mm512_set1_ps(-1.44269504088896341f), n);
+  __m512 p = _mm512_set1_ps(1.3333558146428443e-3f);
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
@@ -71,16 +70,22 @@ inline __m512 exp_neg(__m512 z) {
   return _mm512_scalef_ps(p, n);
 }
 
-// 1 / (1 + exp(-z)). z is clamped to [-88, 88] as dice_kernels.h's vexp clamps (a NaN z gives a
-// finite p there too; a NaN channel is handled through alpha). The reciprocal is rcp14 and one
-// Newton step (about 1 ulp): a division is the slowest instruction of the loop and would bound
-// it below the memory bandwidth.
+// 1 / (1 + exp(-z)). z is clamped below at -88 (exp(88) is finite, so 1 + exp(-z) has a finite
+// reciprocal; a NaN z gives a finite p, as in dice_kernels.h's vexp; a NaN channel is handled
+// through alpha); above, exp(-z) underflows to 0 and p to 1. The reciprocal is rcp14 (relative
+// error 2^-14), refined by one Newton step to about 1 ulp where the result is stored as float:
+// a division is the slowest instruction of the loop. bf16/fp16 results keep fewer bits than
+// rcp14 gives, and their sums accumulate in float.
+template <bool kRefine>
 inline __m512 sigmoid(__m512 z) {
   const __m512 one = _mm512_set1_ps(1.0f);
-  z = _mm512_max_ps(_mm512_min_ps(z, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
-  const __m512 d = _mm512_add_ps(one, exp_neg(z));
+  const __m512 d = _mm512_add_ps(one, exp_neg(_mm512_max_ps(z, _mm512_set1_ps(-88.0f))));
   const __m512 r = _mm512_rcp14_ps(d);
-  return _mm512_fmadd_ps(_mm512_fnmadd_ps(d, r, one), r, r);
+  return kRefine ? _mm512_fmadd_ps(_mm512_fnmadd_ps(d, r, one), r, r) : r;
+}
+template <typename S>
+inline __m512 sigmoid(__m512 z) {
+  return sigmoid<std::is_same_v<S, float>>(z);
 }
 
 }  // namespace v512
