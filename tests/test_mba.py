@@ -787,3 +787,58 @@ def test_triton_hot_rows_two_level_sum(device, backend, optimizer, D, monkeypatc
         torch.testing.assert_close(a[1], s_ref, rtol=2e-6, atol=2e-6)
         assert torch.equal(a[1], b[1])
     assert torch.equal(a[0], b[0])
+
+
+# --- every CPU code path: run-time ISA choice, dtypes, vector-loop tails -------------------------------
+def check_paths():
+    """The update (every optimizer, state in fp32 and in the table's dtype, hot and cold rows) and
+    the penalty with its gradient, fp32/bf16/fp16, D around the vector widths, on whichever
+    kernels DIN_OPS_CPU_ISA selects; NaN in a gradient row reaches only its table row."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ref_fn = run_ref if dtype == torch.float32 else run_ref_fp32
+        for D in (1, 15, 16, 17, 33, 64):
+            for optimizer in OPTIMIZERS:
+                for state_low in (False, True):
+                    w, idx, g, f, st = make_case(97, D, 300, dtype, optimizer, hot=40, seed=D)
+                    if st is None and state_low:
+                        continue
+                    if state_low:
+                        st = st.to(dtype)
+                    kw = dict(lr=0.1, lam=0.5, optimizer=optimizer, padding_idx=3)
+                    w_ops, s_ops = run_ops(w, idx, g, f, st, **kw)
+                    w_ref, s_ref = ref_fn(w, idx, g, f, st, **kw)
+                    assert w_ops.dtype == dtype
+                    assert_close(w_ops, w_ref, dtype)
+                    if st is not None:
+                        torch.testing.assert_close(s_ops.float(), s_ref.float(), **TOL[dtype])
+            w, idx, _, f, _ = make_case(97, D, 300, dtype, hot=40, seed=D)
+            p = din_ops.mba_penalty(w, idx, f, 0.3, 2)
+            torch.testing.assert_close(p.float(), ref.mba_penalty(w.float(), idx, f, 0.3, 2), **TOL[dtype])
+            wg = w.clone().requires_grad_()
+            din_ops.mba_penalty(wg, idx, f, 0.3, 2).backward()
+            torch.testing.assert_close(wg.grad.double(), expected_penalty_grad(w, idx, f, 0.3, 2), **TOL[dtype])
+        w, idx, g, f, _ = make_case(20, 17, 30, dtype, seed=1)
+        g[5, 16] = float("nan")
+        w_ops, _ = run_ops(w, idx, g, f, None, lr=0.1, lam=0.5, optimizer="sgd")
+        w_ref, _ = run_ref(w.float(), idx, g.float(), f, None, lr=0.1, lam=0.5, optimizer="sgd")
+        assert torch.equal(torch.isnan(w_ops), torch.isnan(w_ref))
+
+
+@pytest.mark.parametrize("isa", ["native", "avx512", "avx2", "base"])
+def test_kernel_paths_match_reference(isa):
+    """The widest kernels this CPU runs and the narrower builds DIN_OPS_CPU_ISA forces (avx512,
+    avx2, base: the portable loops), fp32/bf16/fp16, D not a multiple of the vector width."""
+    if isa == "native":
+        check_paths()
+        return
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, %r)
+        import test_mba
+        test_mba.check_paths()
+    """) % os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, "-c", script], check=True, env=dict(os.environ, DIN_OPS_CPU_ISA=isa))

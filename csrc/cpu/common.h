@@ -112,6 +112,11 @@ enum class Isa { kBase, kAvx2, kAvx512 };
 // baseline) | avx2 | avx512 caps it, so the narrower builds can be tested on a wide CPU.
 Isa cpu_isa();
 
+// Whether the AVX-512 loops may also use AVX512-BF16's float -> bf16 conversion: the CPU has it
+// and cpu_isa() is kAvx512 not capped by DIN_OPS_CPU_ISA (=avx512 keeps the plain AVX-512 build,
+// so that it stays tested on such a CPU).
+bool cpu_avx512_bf16();
+
 // Splits items [0, n) with the given per-item work into at most max_parts contiguous ranges
 // of about equal work. The split depends on the data only, never on the thread count, so
 // per-range partial sums reduced in range order are bitwise reproducible.

@@ -21,6 +21,10 @@
 
 #include "common.h"
 
+#ifdef DIN_OPS_MULTI_ISA
+#include <immintrin.h>
+#endif
+
 namespace din_ops {
 namespace cpu {
 namespace {
@@ -40,8 +44,11 @@ struct Coef {
 #undef DICE_ISA
 
 #ifdef DIN_OPS_MULTI_ISA
+// No FMA contraction in the vectorized scalar loops: dx's h + k1 must cancel exactly for one valid
+// row (and h be the same rounded value as in the reductions), which a fused h + k1 breaks.
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+#pragma GCC optimize("fp-contract=off")
 #define DICE_ISA isa_avx2
 #include "dice_kernels.h"
 #undef DICE_ISA
@@ -52,6 +59,30 @@ struct Coef {
 #include "dice_kernels.h"
 #undef DICE_ISA
 #pragma GCC pop_options
+
+// The float-accumulating loops (fp32, bf16, fp16 data) on AVX-512 as explicit vector code: the
+// vectorized scalar code above stays compute-bound on half-precision data. Built twice: with the
+// avx512bf16 conversion where the CPU has it, and without.
+// GCC 12 warns about the intrinsics' own _mm512_undefined_* placeholders.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
+namespace isa_avx512v {
+#include "vec512.h"
+#include "dice_kernels512.h"
+}  // namespace isa_avx512v
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,prefer-vector-width=512")
+namespace isa_avx512bf {
+#define DIN_OPS_V512_BF16 1
+#include "vec512.h"
+#undef DIN_OPS_V512_BF16
+#include "dice_kernels512.h"
+}  // namespace isa_avx512bf
+#pragma GCC pop_options
+#pragma GCC diagnostic pop
 #endif
 
 // Rows per block of the two-pass moments and of the backward partial sums: 64 rows of a
@@ -73,6 +104,15 @@ RowKernels<S, A> row_kernels() {
 #ifdef DIN_OPS_MULTI_ISA
   switch (cpu_isa()) {
     case Isa::kAvx512:
+      // fp32 data: the vectorized scalar loops below are as fast (memory-bound); the explicit
+      // loops pay off where the conversions make the loop compute-bound
+      if constexpr (std::is_same_v<A, float> && !std::is_same_v<S, float>) {
+        if (cpu_avx512_bf16())
+          return {isa_avx512bf::block_moments<S>, isa_avx512bf::transform_rows<S>,
+                  isa_avx512bf::backward_reduce_rows<S>, isa_avx512bf::backward_dx_rows<S>};
+        return {isa_avx512v::block_moments<S>, isa_avx512v::transform_rows<S>,
+                isa_avx512v::backward_reduce_rows<S>, isa_avx512v::backward_dx_rows<S>};
+      }
       return {isa_avx512::block_moments<S, A>, isa_avx512::transform_rows<S, A>,
               isa_avx512::backward_reduce_rows<S, A>, isa_avx512::backward_dx_rows<S, A>};
     case Isa::kAvx2:

@@ -28,5 +28,19 @@ Isa cpu_isa() {
   return isa;
 }
 
+bool cpu_avx512_bf16() {
+  static const bool ok = [] {
+    if (cpu_isa() != Isa::kAvx512) return false;
+    const char* cap = std::getenv("DIN_OPS_CPU_ISA");
+    if (cap && std::string(cap) == "avx512") return false;
+#ifdef DIN_OPS_MULTI_ISA
+    return __builtin_cpu_supports("avx512bf16") != 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
 }  // namespace cpu
 }  // namespace din_ops

@@ -1,0 +1,91 @@
+// AVX-512 helpers for the fp32 kernels of fp32/bf16/fp16 data: 16 channels per register, loaded
+// and stored in the data's own type and converted in registers (no whole-tensor conversions).
+// Included by dice.cpp and mba.cpp inside the `#pragma GCC target` of each AVX-512 build (after
+// <immintrin.h> and ATen, so that no other header is compiled for AVX-512), inside a namespace
+// per build; called only when cpu_isa() is kAvx512. With DIN_OPS_V512_BF16 defined (a build whose
+// target includes avx512bf16, chosen when cpu_avx512_bf16()) floats are rounded to bf16 by
+// vcvtneps2bf16. No include guard on purpose.
+
+namespace v512 {
+
+// the first n lanes (n < 16) or all of them: tails of the channel loops are masked, not scalar
+inline __mmask16 lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// Full vectors go through plain loads and stores: a masked store cannot forward to a later load
+// of the same address (the accumulators of a row loop), and a masked access to memory that is
+// not in cache is slower than a plain one on some CPUs.
+constexpr __mmask16 kAll = static_cast<__mmask16>(0xFFFF);
+inline __m256i load16(const void* p, __mmask16 m) {
+  return m == kAll ? _mm256_loadu_si256(static_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(m, p);
+}
+inline void store16(void* p, __mmask16 m, __m256i v) {
+  if (m == kAll) _mm256_storeu_si256(static_cast<__m256i*>(p), v); else _mm256_mask_storeu_epi16(p, m, v);
+}
+inline __m512 load(const float* p, __mmask16 m) {
+  return m == kAll ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+}
+inline __m512 load(const c10::BFloat16* p, __mmask16 m) {
+  // bf16 is the upper half of a float: widen and shift, exact
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load16(p, m)), 16));
+}
+inline __m512 load(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(load16(p, m)); }
+
+inline void store(float* p, __mmask16 m, __m512 v) {
+  if (m == kAll) _mm512_storeu_ps(p, v); else _mm512_mask_storeu_ps(p, m, v);
+}
+inline void store(c10::BFloat16* p, __mmask16 m, __m512 v) {
+#ifdef DIN_OPS_V512_BF16
+  // round to nearest even in one instruction; it flushes bf16 denormals (below 1.2e-38) to 0
+  store16(p, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+#else
+  // round to nearest even as c10::BFloat16 does (denormals kept, NaN -> 0x7FC0), in integers
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  store16(p, m, _mm512_cvtepi32_epi16(r));
+#endif
+}
+inline void store(c10::Half* p, __mmask16 m, __m512 v) {
+  // F16C's conversion rounds to nearest even and keeps denormals, inf and NaN, like c10::Half
+  store16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// exp(-z) for z >= -88 (the caller clamps): 2^(n + f), n = round(-z log2 e), f in [-1/2, 1/2]
+// by one fused multiply-subtract, 2^f by its degree-5 Taylor polynomial, 2^n by scalef (0 below
+// the float range). Relative error ~2e-6, well inside what the sigmoid's result needs: the loop
+// is bound by its floating-point operations, so each one counts.
+inline __m512 exp_neg(__m512 z) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(-1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_fmsub_ps(z, _mm512_set1_ps(-1.44269504088896341f), n);
+  __m512 p = _mm512_set1_ps(1.3333558146428443e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 1 / (1 + exp(-z)). z is clamped below at -88 (exp(88) is finite, so 1 + exp(-z) has a finite
+// reciprocal; a NaN z gives a finite p, as in dice_kernels.h's vexp; a NaN channel is handled
+// through alpha); above, exp(-z) underflows to 0 and p to 1. The reciprocal is rcp14 (relative
+// error 2^-14), refined by one Newton step to about 1 ulp where the result is stored as float:
+// a division is the slowest instruction of the loop. bf16/fp16 results keep fewer bits than
+// rcp14 gives, and their sums accumulate in float.
+template <bool kRefine>
+inline __m512 sigmoid(__m512 z) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 d = _mm512_add_ps(one, exp_neg(_mm512_max_ps(z, _mm512_set1_ps(-88.0f))));
+  const __m512 r = _mm512_rcp14_ps(d);
+  return kRefine ? _mm512_fmadd_ps(_mm512_fnmadd_ps(d, r, one), r, r) : r;
+}
+template <typename S>
+inline __m512 sigmoid(__m512 z) {
+  return sigmoid<std::is_same_v<S, float>>(z);
+}
+
+}  // namespace v512
