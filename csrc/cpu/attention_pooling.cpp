@@ -30,6 +30,10 @@
 
 #include "common.h"
 
+#ifdef DIN_OPS_MULTI_ISA
+#include <immintrin.h>
+#endif
+
 namespace din_ops {
 namespace cpu {
 namespace {
@@ -388,10 +392,11 @@ template <typename T>
 struct Inputs {
   const T* q = nullptr;  // [B, C, D]
   const T* k = nullptr;  // [P, D]
+  // bf16 keys as they came, instead of k, for the forward on the matrix unit: they are read
+  // once into its operands and once by the pooling, with no float copy of the keys
+  const uint16_t* kb = nullptr;
 };
 
-// AP_WIDE: the activations' loops (exp-bound, no GEMM around them) in the widest vectors
-#define AP_WIDE
 #define AP_ISA isa_base
 #include "attention_kernels.h"
 #undef AP_ISA
@@ -406,13 +411,15 @@ struct Inputs {
 #pragma GCC push_options
 // 256-bit vectors, as -march=native picks on AVX-512 Xeons: 512-bit ones measured ~6% slower here
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=256")
-#undef AP_WIDE
-#define AP_WIDE __attribute__((target("prefer-vector-width=512")))
+// AP_V512: the sigmoid of finite tiles in explicit 512-bit code (vec512.h: no division)
+namespace isa_avx512 {
+#include "vec512.h"
+}  // namespace isa_avx512
+#define AP_V512 1
 #define AP_ISA isa_avx512
 #include "attention_kernels.h"
 #undef AP_ISA
-#undef AP_WIDE
-#define AP_WIDE
+#undef AP_V512
 #pragma GCC pop_options
 #endif
 
@@ -592,7 +599,8 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_cpu(
   const Rows r = describe_rows(query, keys, lengths, offsets);
   const bool softmax = parse_softmax(std::string(normalization));
   const auto acc_s = acc_scalar_type(query.scalar_type());
-  const AccInputs ai = acc_inputs(query, keys);
+  const bool raw_keys = query.scalar_type() == at::kBFloat16 && use_lowp(at::kBFloat16);
+  const AccInputs ai = raw_keys ? AccInputs{query.to(acc_s).contiguous(), keys.contiguous()} : acc_inputs(query, keys);
   auto opts = ai.q.options();
   at::Tensor out = at::zeros({r.B, r.C, r.D}, opts);
   std::vector<int64_t> attn_shape;
@@ -608,7 +616,12 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_cpu(
                                                norm_bias, std::string(activation), eps,
                                  lowp_dtype<scalar_t>(query.scalar_type()));
     TORCH_CHECK(m.H[m.L - 1] == 1, "attention_pooling: the last layer must have one output");
-    Inputs<scalar_t> in{ai.q.data_ptr<scalar_t>(), ai.k.data_ptr<scalar_t>()};
+    Inputs<scalar_t> in{ai.q.data_ptr<scalar_t>(), nullptr, nullptr};
+    if (raw_keys) {
+      in.kb = reinterpret_cast<const uint16_t*>(ai.k.data_ptr<at::BFloat16>());
+    } else {
+      in.k = ai.k.data_ptr<scalar_t>();
+    }
     forward_impl<scalar_t>(r, m, in, softmax, static_cast<scalar_t>(scale), attn.data_ptr<scalar_t>(),
                            out.data_ptr<scalar_t>());
   });
