@@ -92,6 +92,12 @@ def test_ddp_gradients_equal_single_process(tmp_path):
         assert err <= 1e-12 * max(1.0, float(grads[n].abs().max())), f"grad {n}: {err:.3g}"
     for n in params:
         err = float((got["params"][n] - params[n]).abs().max())
+        if float(grads[n].abs().max()) < 1e-12:
+            # a gradient that is zero but for rounding (the attention output layer's bias under
+            # softmax): Adagrad divides it by its own size + eps, so the noise of the summation
+            # order decides the step; both runs still take a step of at most lr
+            assert err <= 2 * 0.1, f"param {n} after the step: {err:.3g}"
+            continue
         assert err <= 1e-12 * max(1.0, float(params[n].abs().max())), f"param {n} after the step: {err:.3g}"
 
 

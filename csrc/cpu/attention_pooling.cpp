@@ -349,35 +349,54 @@ struct Workspace {
   std::vector<T> Abc, cbc, dA0, dc0, dZ, dZprev;
   std::vector<T> X, Qs, Cs, dX, dW01, dQs;
   std::vector<uint16_t> Xl, Al;  // bf16/fp16 operands of the matrix unit: [kTile, Kp]
+  // The tile's parameter gradients (GradLayout), added to the range's double sums after each
+  // tile: under Dice's batch statistics they cancel to a few digits, and float sums over a whole
+  // range would lose them.
+  std::vector<T> g;
+
+  T* start_grads() {
+    std::fill(g.begin(), g.end(), T(0));
+    return g.data();
+  }
+  void add_grads(std::vector<double>& sums) const {
+    for (size_t i = 0; i < g.size(); ++i) sums[i] += g[i];
+  }
   std::vector<Segment> segs;
   int64_t M = 0;
   bool keep_nan = false;  // the tile may hold a NaN pre-activation: NaN-keeping sigmoid
   bool unfolded = false;  // layer 0 of the current tile in the unfolded form
   bool keep_x = true;     // the unfolded form keeps X in float (the backward reads it)
 
-  explicit Workspace(const Mlp<T>& m) {
+  // rows: the most pairs a tile of this call holds (kTile, or fewer for a small call, rounded
+  // up to kRowsM for the matrix unit); backward: the buffers of tile_backward too
+  Workspace(const Mlp<T>& m, int64_t rows, bool backward) {
     for (int64_t l = 0; l < m.L; ++l) {
-      Z.emplace_back(kTile * m.H[l]);
-      A.emplace_back(l + 1 < m.L ? kTile * m.H[l] : 0);
+      Z.emplace_back(rows * m.H[l]);
+      A.emplace_back(l + 1 < m.L ? rows * m.H[l] : 0);
     }
     const int64_t D = m.D, H0 = m.H[0];
     Abc.resize(H0 * D);
     cbc.resize(H0);
-    dA0.resize(H0 * D);
-    dc0.resize(H0);
-    dZ.resize(kTile * m.maxH);
-    dZprev.resize(kTile * m.maxH);
-    X.resize(kTile * 2 * D);
-    Qs.resize(kTile * D);
-    Cs.resize(kTile * H0);
-    dX.resize(kTile * 2 * D);
-    dW01.resize(H0 * 2 * D);
-    dQs.resize(kTile * D);
+    X.resize(rows * 2 * D);
+    Qs.resize(rows * D);
+    Cs.resize(rows * H0);
+    if (backward) {
+      dA0.resize(H0 * D);
+      dc0.resize(H0);
+      dZ.resize(rows * m.maxH);
+      dZprev.resize(rows * m.maxH);
+      dX.resize(rows * 2 * D);
+      dW01.resize(H0 * 2 * D);
+      dQs.resize(rows * D);
+      g.resize(grad_layout(m).size);
+    } else {
+      keep_x = false;
+    }
     if (m.lowp != at::ScalarType::Undefined) {
       int64_t kp = 0;
       for (const LowpLayer& p : m.lowp_w) kp = std::max(kp, p.Kp);
-      Xl.assign(kTile * m.lowp_w[0].Kp, 0);
-      Al.assign(kTile * kp, 0);
+      Xl.assign(rows * m.lowp_w[0].Kp, 0);
+      Al.assign(rows * kp, 0);
     }
   }
   ~Workspace() {
@@ -386,6 +405,12 @@ struct Workspace {
   Workspace(const Workspace&) = delete;
   Workspace& operator=(const Workspace&) = delete;
 };
+
+// Tile rows a call needs: kTile, or all its pairs rounded up to kRowsM when fewer.
+int64_t tile_rows(const Rows& r) {
+  const int64_t pairs = std::max<int64_t>(r.valid * r.C, 1);
+  return std::min(kTile, (pairs + kRowsM - 1) / kRowsM * kRowsM);
+}
 
 // Inputs of a kernel call in the accumulation type.
 template <typename T>
@@ -503,25 +528,34 @@ std::vector<int64_t> unit_ranges(const Work& w, const Mlp<T>& m) {
   return balanced_split(work, n_parts(total * pair_work(m)));
 }
 
-// kSlots ranges of rows of about equal work (backward: a row's key gradient is accumulated by
-// all its candidates and runs); row range [rb, re) holds units [row_unit[rb], row_unit[re]).
-// Always as many ranges as there are rows up to kSlots, small calls included: training with
-// Dice's batch statistics has gradients that cancel to a few digits, and short per-range sums
-// keep them within the float32 error of eager PyTorch.
-std::vector<int64_t> row_ranges(const Rows& r) {
+// Ranges of rows of about equal work (backward: a row's key gradient is accumulated by all its
+// candidates and runs); row range [rb, re) holds units [row_unit[rb], row_unit[re]). With Dice,
+// kSlots ranges whatever the size (so one tile never mixes more rows than that gives): its
+// batch-statistics gradients cancel to a few digits, and this split keeps them within the
+// float32 error of eager PyTorch (tests/test_compat_deepctr_torch.py).
+template <typename T>
+std::vector<int64_t> row_ranges(const Rows& r, const Mlp<T>& m) {
   std::vector<int64_t> work(r.B);
-  for (int64_t b = 0; b < r.B; ++b) work[b] = r.C * (r.len[b] + kFoldMinLen / 4);
-  return balanced_split(work, kSlots);
+  int64_t total = 0;
+  for (int64_t b = 0; b < r.B; ++b) total += work[b] = r.C * (r.len[b] + kFoldMinLen / 4);
+  return balanced_split(work, m.act == Act::Dice ? kSlots : n_parts(total * pair_work(m)));
 }
 
-// fn(part) for every part [0, n): on the calling thread when there is one.
+// fn(lo, hi) over the parts [0, n): on the calling thread when there is one part or serial.
 template <typename Fn>
-void for_each_part(int64_t n, Fn&& fn) {
-  if (n == 1) {
+void for_each_part(int64_t n, Fn&& fn, bool serial = false) {
+  if (n == 1 || serial) {
     blas::SequentialGuard sequential;
-    return fn(0, 1);
+    return fn(0, n);
   }
   at::parallel_for(0, n, 1, fn);
+}
+
+// Whether a call on rows is too small to be worth other threads (its ranges then run in order
+// on the calling thread: the same ranges, so the same results).
+template <typename T>
+bool small_call(const Rows& r, const Mlp<T>& m) {
+  return (r.valid + r.B * kFoldMinLen / 4) * r.C * pair_work(m) < 2 * kMinRangeWork;
 }
 
 // Calls fn(ws) for every tile of the units [u0, u1): their runs packed in order into tiles of
@@ -559,8 +593,7 @@ void forward_impl(const Rows& r, const Mlp<T>& m, const Inputs<T>& in, bool soft
   const Kernels<T> K = kernels<T>();
   // the scores of every pair, then (once a pair's scores are all there) softmax and pooling
   for_each_part(static_cast<int64_t>(ranges.size()) - 1, [&](int64_t lo, int64_t hi) {
-    Workspace<T> ws(m);
-    ws.keep_x = false;
+    Workspace<T> ws(m, tile_rows(r), false);
     for (int64_t part = lo; part < hi; ++part)
       for_each_tile(w, ranges[part], ranges[part + 1], ws, [&](Workspace<T>& wk) {
         K.tile_forward(m, r, in, wk);
@@ -636,13 +669,14 @@ using GradTuple = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, st
 
 // Reduces the per-range buffers in range order and cuts the result into the gradient tensors.
 template <typename T>
-GradTuple finish_grads(const Mlp<T>& m, const GradLayout& lay, const std::vector<std::vector<T>>& parts,
+GradTuple finish_grads(const Mlp<T>& m, const GradLayout& lay, const std::vector<std::vector<double>>& parts,
                        at::Tensor gq, at::Tensor gk, const at::Tensor& query, const at::Tensor& keys,
                        at::TensorList weights, at::TensorList act_weights, at::TensorList norm_mean,
                        at::TensorList norm_weight, at::TensorList norm_bias) {
-  std::vector<T> total(lay.size, T(0));
+  std::vector<double> sum(lay.size, 0.0);
   for (const auto& p : parts)
-    for (int64_t i = 0; i < lay.size; ++i) total[i] += p[i];
+    for (int64_t i = 0; i < lay.size; ++i) sum[i] += p[i];
+  std::vector<T> total(sum.begin(), sum.end());
   const auto acc_opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   auto slice = [&](int64_t off, at::IntArrayRef shape, at::ScalarType dt) {
     at::Tensor t = at::empty(shape, acc_opts);
@@ -697,9 +731,9 @@ GradTuple attention_pooling_backward_cpu(
     const GradLayout lay = grad_layout(m);
     const Inputs<T> in{ai.q.data_ptr<T>(), ai.k.data_ptr<T>()};
     const Work work = make_units(r);
-    const auto ranges = row_ranges(r);
+    const auto ranges = row_ranges(r, m);
     const int64_t n_ranges = static_cast<int64_t>(ranges.size()) - 1;
-    std::vector<std::vector<T>> parts(n_ranges, std::vector<T>(lay.size, T(0)));
+    std::vector<std::vector<double>> parts(n_ranges, std::vector<double>(lay.size, 0.0));
     const T* pw = w.data_ptr<T>();
     const T* pga = ga.defined() ? ga.data_ptr<T>() : nullptr;
     const T* pgo = go.data_ptr<T>();
@@ -709,23 +743,23 @@ GradTuple attention_pooling_backward_cpu(
     const T sc = static_cast<T>(scale);
     const Kernels<T> K = kernels<T>();
     for_each_part(n_ranges, [&](int64_t lo, int64_t hi) {
-      Workspace<T> ws(m);
+      Workspace<T> ws(m, tile_rows(r), true);
       for (int64_t part = lo; part < hi; ++part) {
         const int64_t rb = ranges[part], re = ranges[part + 1];
         // Pooling and normalization: dL/ds for every valid pair, and the pooling's share of dk.
         K.pool_backward(r, in, softmax, sc, pw, pga, pgo, rb, re, pds, pgk);
         // The MLP, tile by tile.
-        T* g = parts[part].data();
         for_each_tile(work, work.row_unit[rb], work.row_unit[re], ws, [&](Workspace<T>& wk) {
           K.tile_forward(m, r, in, wk);
           for (const Segment& s : wk.segs) {
             const T* src = pds + r.start[s.b] * r.C + s.c * r.sC + s.t0 * r.sT;
             for (int64_t i = 0; i < s.n; ++i) wk.dZ[s.off + i] = src[i * r.sT];
           }
-          K.tile_backward(m, lay, r, in, wk, g, pgk, pgq);
+          K.tile_backward(m, lay, r, in, wk, wk.start_grads(), pgk, pgq);
+          wk.add_grads(parts[part]);
         });
       }
-    });
+    }, small_call(r, m));
     result = finish_grads<T>(m, lay, parts, gq, gk, query, keys, weights, act_weights, norm_mean, norm_weight,
                              norm_bias);
   });
@@ -754,15 +788,14 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_stats_cpu(
     // The tiles of the backward (row ranges): the gradient of batch statistics cancels to a few
     // digits, so it must see the very pre-activations the statistics were computed from.
     const Work work = make_units(r);
-    const auto ranges = row_ranges(r);
+    const auto ranges = row_ranges(r, m);
     const int64_t n_ranges = static_cast<int64_t>(ranges.size()) - 1;
     const Kernels<T> K = kernels<T>();
     // per range: count, mean[H], M2[H] (Chan et al.'s pairwise combination, in a fixed order)
     std::vector<int64_t> counts(n_ranges, 0);
     std::vector<std::vector<T>> means(n_ranges, std::vector<T>(H, T(0))), m2s(n_ranges, std::vector<T>(H, T(0)));
     for_each_part(n_ranges, [&](int64_t lo, int64_t hi) {
-      Workspace<T> ws(m);
-      ws.keep_x = false;
+      Workspace<T> ws(m, tile_rows(r), false);
       std::vector<T> tmean(H), tm2(H);
       for (int64_t part = lo; part < hi; ++part) {
         int64_t& n = counts[part];
@@ -782,7 +815,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_stats_cpu(
           n += M;
         });
       }
-    });
+    }, small_call(r, m));
     T* pm = mean.data_ptr<T>();
     T* pv = var.data_ptr<T>();
     int64_t n = 0;
@@ -832,10 +865,10 @@ GradTuple attention_pooling_stats_backward_cpu(
     const GradLayout lay = grad_layout(m);
     const Inputs<T> in{ai.q.data_ptr<T>(), ai.k.data_ptr<T>()};
     const Work work = make_units(r);
-    const auto ranges = row_ranges(r);
+    const auto ranges = row_ranges(r, m);
     const int64_t n_ranges = static_cast<int64_t>(ranges.size()) - 1;
     const Kernels<T> K = kernels<T>();
-    std::vector<std::vector<T>> parts(n_ranges, std::vector<T>(lay.size, T(0)));
+    std::vector<std::vector<double>> parts(n_ranges, std::vector<double>(lay.size, 0.0));
     const T n = T(std::max<int64_t>(r.valid * r.C, 1));
     const T* pgm = gmean.data_ptr<T>();
     const T* pgv = gvar.data_ptr<T>();
@@ -843,16 +876,16 @@ GradTuple attention_pooling_stats_backward_cpu(
     T* pgk = gk.data_ptr<T>();
     T* pgq = gq.data_ptr<T>();
     for_each_part(n_ranges, [&](int64_t lo, int64_t hi) {
-      Workspace<T> ws(m);
+      Workspace<T> ws(m, tile_rows(r), true);
       for (int64_t part = lo; part < hi; ++part) {
-        T* g = parts[part].data();
         for_each_tile(work, work.row_unit[ranges[part]], work.row_unit[ranges[part + 1]], ws, [&](Workspace<T>& wk) {
           K.tile_forward(m, r, in, wk);
           K.stats_dz(wk.Z[m.L - 1].data(), wk.M, H, pgm, pgv, pmu, n, wk.dZ.data());
-          K.tile_backward(m, lay, r, in, wk, g, pgk, pgq);
+          K.tile_backward(m, lay, r, in, wk, wk.start_grads(), pgk, pgq);
+          wk.add_grads(parts[part]);
         });
       }
-    });
+    }, small_call(r, m));
     result = finish_grads<T>(m, lay, parts, gq, gk, query, keys, weights, act_weights, norm_mean, norm_weight,
                              norm_bias);
   });
