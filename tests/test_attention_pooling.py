@@ -138,11 +138,9 @@ def test_matches_reference_float32(layout, normalization, act):
     assert_close_all(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 8e-2)])
-@pytest.mark.parametrize("normalization", ["none", "softmax"])
-def test_half_precision(dtype, tol, normalization):
-    """fp16/bf16 inputs accumulate in fp32; compared with the fp64 reference of the rounded inputs."""
-    q, k, lengths, W, b, kw, params = make_case(B=5, T=8, D=6, hidden=(8, 4), dtype=dtype)
+def check_half_precision(q, k, lengths, W, b, kw, params, dtype, tol, normalization):
+    """Outputs and gradients of half-precision inputs against the fp64 reference of the rounded
+    inputs, within tol relative to each tensor's scale."""
     got = run(din_ops.attention_pooling, q, k, W, b, kw, params, lengths=lengths, normalization=normalization)
     up = lambda ts: [t.double() for t in ts]  # noqa: E731
     want = run(R.attention_pooling, q.double(), k.double(), up(W), up(b), kw, up(params), lengths=lengths,
@@ -151,6 +149,14 @@ def test_half_precision(dtype, tol, normalization):
         assert a.dtype == dtype
         scale = max(1.0, float(w.abs().max())) if w.numel() else 1.0
         torch.testing.assert_close(a.double(), w, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 8e-2)])
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+def test_half_precision(dtype, tol, normalization):
+    """fp16/bf16 inputs accumulate in fp32; compared with the fp64 reference of the rounded inputs."""
+    q, k, lengths, W, b, kw, params = make_case(B=5, T=8, D=6, hidden=(8, 4), dtype=dtype)
+    check_half_precision(q, k, lengths, W, b, kw, params, dtype, tol, normalization)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 8e-2), (torch.float16, 2e-2)])
@@ -162,14 +168,7 @@ def test_half_precision_matrix_unit(dtype, tol, hidden):
     lengths = torch.tensor([0, 1, 3, 70, 2, 45, 5, 1, 64, 9, 33])
     q, k, _, W, b, kw, params = make_case(B=11, T=70, D=9, hidden=hidden, dtype=dtype, lengths=lengths)
     for normalization in ["none", "softmax"]:
-        got = run(din_ops.attention_pooling, q, k, W, b, kw, params, lengths=lengths, normalization=normalization)
-        up = lambda ts: [t.double() for t in ts]  # noqa: E731
-        want = run(R.attention_pooling, q.double(), k.double(), up(W), up(b), kw, up(params), lengths=lengths,
-                   normalization=normalization)
-        for a, w in zip(got, want):
-            assert a.dtype == dtype
-            scale = max(1.0, float(w.abs().max())) if w.numel() else 1.0
-            torch.testing.assert_close(a.double(), w, rtol=tol, atol=tol * scale)
+        check_half_precision(q, k, lengths, W, b, kw, params, dtype, tol, normalization)
 
 
 # Layer 0 takes the folded form on tiles of long runs and the unfolded one on tiles of short

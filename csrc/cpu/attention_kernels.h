@@ -258,6 +258,16 @@ inline void to_lowp(at::ScalarType dt, const float* x, int64_t M, int64_t cols, 
   std::fill(out + M * ld, out + Mr * ld, uint16_t(0));
 }
 
+// C [Mr, N] += buf W_l^T on the matrix unit, buf [Mr, Kp] already in its dtype.
+inline void lowp_product(const LowpLayer& p, at::ScalarType dt, int64_t Mr, const uint16_t* buf, float* C,
+                         int64_t ldc) {
+  if (dt == at::kBFloat16) {
+    lowp_gemm(p, Mr, reinterpret_cast<const at::BFloat16*>(buf), p.Kp, C, ldc);
+  } else {
+    lowp_gemm(p, Mr, reinterpret_cast<const at::Half*>(buf), p.Kp, C, ldc);
+  }
+}
+
 // C [Mr, N] += lowp(A) W_l^T on the matrix unit (T = float only).
 template <typename T>
 void lowp_layer(const Mlp<T>& m, int64_t l, const T* A, int64_t M, int64_t cols, uint16_t* buf, T* C, int64_t ldc) {
@@ -265,11 +275,7 @@ void lowp_layer(const Mlp<T>& m, int64_t l, const T* A, int64_t M, int64_t cols,
     const LowpLayer& p = m.lowp_w[l];
     const int64_t Mr = (M + kRowsM - 1) / kRowsM * kRowsM;
     to_lowp(m.lowp, A, M, cols, Mr, p.Kp, buf);
-    if (m.lowp == at::kBFloat16) {
-      lowp_gemm(p, Mr, reinterpret_cast<const at::BFloat16*>(buf), p.Kp, C, ldc);
-    } else {
-      lowp_gemm(p, Mr, reinterpret_cast<const at::Half*>(buf), p.Kp, C, ldc);
-    }
+    lowp_product(p, m.lowp, Mr, buf, C, ldc);
   }
 }
 
@@ -305,10 +311,12 @@ void layer0_unfolded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Worksp
   gemm_rm<T>(false, true, S, H0, D, T(1), Qs, D, m.Wqd.data(), D, T(1), Cs, H0);
   T* Z0 = ws.Z[0].data();
   T* X = ws.X.data();
+  // bf16 X goes straight into Xl below when the backward does not need it in float
+  const bool direct = m.lowp == at::kBFloat16 && !ws.keep_x;
   for (int64_t j = 0; j < S; ++j) {
     const Segment& s = ws.segs[j];
     for (int64_t i = 0; i < s.n; ++i) std::memcpy(Z0 + (s.off + i) * H0, Cs + j * H0, H0 * sizeof(T));
-    if (m.lowp != at::ScalarType::Undefined && !ws.keep_x) continue;  // X straight into Xl below
+    if (direct) continue;
     const T* k = in.k + (r.start[s.b] + s.t0) * D;
     const T* __restrict q = Qs + j * D;
     for (int64_t i = 0; i < s.n; ++i) {
@@ -321,57 +329,37 @@ void layer0_unfolded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Worksp
     }
   }
   if constexpr (std::is_same_v<T, float>) {
-    if (m.lowp != at::ScalarType::Undefined) {
+    if (direct) {
       const LowpLayer& p = m.lowp_w[0];
       const int64_t M = ws.M, Mr = (M + kRowsM - 1) / kRowsM * kRowsM;
       uint16_t* Xl = ws.Xl.data();
-      if (ws.keep_x) {
-        to_lowp(m.lowp, X, M, 2 * D, Mr, p.Kp, Xl);
-      } else if (m.lowp == at::kBFloat16) {
-        for (int64_t j = 0; j < S; ++j) {
-          const Segment& s = ws.segs[j];
-          const float* __restrict q = Qs + j * D;
-          const int64_t p0 = (r.start[s.b] + s.t0) * D;
-          for (int64_t i = 0; i < s.n; ++i) {
-            uint16_t* __restrict x = Xl + (s.off + i) * p.Kp;
-            if (in.kb != nullptr) {
-              const uint16_t* __restrict kt = in.kb + p0 + i * D;
-              for (int64_t d = 0; d < D; ++d) {
-                x[d] = kt[d];
-                x[D + d] = bf16_bits(bf16_value(kt[d]) * q[d]);
-              }
-            } else {
-              const float* __restrict kt = in.k + p0 + i * D;
-              for (int64_t d = 0; d < D; ++d) {
-                x[d] = bf16_bits(kt[d]);
-                x[D + d] = bf16_bits(kt[d] * q[d]);
-              }
-            }
-            for (int64_t d = 2 * D; d < p.Kp; ++d) x[d] = 0;
-          }
-        }
-        std::fill(Xl + M * p.Kp, Xl + Mr * p.Kp, uint16_t(0));
-      } else {
-        // fp16: through float X (the conversion has no branch-free form here)
-        for (int64_t j = 0; j < S; ++j) {
-          const Segment& s = ws.segs[j];
-          const float* __restrict q = Qs + j * D;
-          const float* k = in.k + (r.start[s.b] + s.t0) * D;
-          for (int64_t i = 0; i < s.n; ++i)
+      for (int64_t j = 0; j < S; ++j) {
+        const Segment& s = ws.segs[j];
+        const float* __restrict q = Qs + j * D;
+        const int64_t p0 = (r.start[s.b] + s.t0) * D;
+        for (int64_t i = 0; i < s.n; ++i) {
+          uint16_t* __restrict x = Xl + (s.off + i) * p.Kp;
+          if (in.kb != nullptr) {
+            const uint16_t* __restrict kt = in.kb + p0 + i * D;
             for (int64_t d = 0; d < D; ++d) {
-              X[(s.off + i) * 2 * D + d] = k[i * D + d];
-              X[(s.off + i) * 2 * D + D + d] = k[i * D + d] * q[d];
+              x[d] = kt[d];
+              x[D + d] = bf16_bits(bf16_value(kt[d]) * q[d]);
             }
+          } else {
+            const float* __restrict kt = in.k + p0 + i * D;
+            for (int64_t d = 0; d < D; ++d) {
+              x[d] = bf16_bits(kt[d]);
+              x[D + d] = bf16_bits(kt[d] * q[d]);
+            }
+          }
+          for (int64_t d = 2 * D; d < p.Kp; ++d) x[d] = 0;
         }
-        to_lowp(m.lowp, X, M, 2 * D, Mr, p.Kp, Xl);
       }
-      if (m.lowp == at::kBFloat16) {
-        lowp_gemm(p, Mr, reinterpret_cast<const at::BFloat16*>(Xl), p.Kp, Z0, H0);
-      } else {
-        lowp_gemm(p, Mr, reinterpret_cast<const at::Half*>(Xl), p.Kp, Z0, H0);
-      }
+      std::fill(Xl + M * p.Kp, Xl + Mr * p.Kp, uint16_t(0));
+      lowp_product(p, m.lowp, Mr, Xl, Z0, H0);
       return;
     }
+    if (m.lowp != at::ScalarType::Undefined) return lowp_layer(m, 0, X, ws.M, 2 * D, ws.Xl.data(), Z0, H0);
   }
   gemm_rm<T>(false, true, ws.M, H0, 2 * D, T(1), X, 2 * D, m.W01.data(), 2 * D, T(1), Z0, H0);
 }
