@@ -14,7 +14,7 @@ here = os.path.dirname(os.path.abspath(__file__))
 
 
 def extension():
-    sources = ["csrc/din_ops.cpp", "csrc/python.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/din_ops.cpp", "csrc/autograd.cpp", "csrc/python.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", "-std=c++20", "-Wall", "-Wno-unused-function"]
     # Baseline flags, so the binary runs on any x86-64: the kernels' hot loops are built again
     # for AVX2 and AVX-512 and chosen at run time (csrc/cpu/common.h, cpu_isa). DIN_OPS_NATIVE=1

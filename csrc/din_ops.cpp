@@ -1,6 +1,7 @@
 // The din_ops operator schemas. Every backend (C++ CPU here, Triton and CUDA from
 // din_ops/triton and csrc/cuda) implements exactly these; din_ops/ops/*.py adds the fake
-// kernels and the autograd formulas. Sections refer to SPEC.md.
+// kernels and the autograd formulas (csrc/autograd.cpp those of attention_pooling and
+// attention_pooling_stats). Sections refer to SPEC.md.
 #include <torch/library.h>
 
 TORCH_LIBRARY(din_ops, m) {

@@ -271,6 +271,25 @@ def vjp_with_graph(fn: Callable, inputs, grad_outputs):
     return [back(x) for x in args]
 
 
+_GRAPH_BACKWARDS: dict = {}
+
+
+def register_graph_backward(name: str, fn: Callable) -> None:
+    """``fn(tensors, list_sizes, strs, nums)`` computes the gradients of ``din_ops::<name>`` with
+    a graph when its C++ autograd node (csrc/autograd.cpp) runs under ``create_graph=True``:
+    ``tensors`` holds the output gradients (None where none flows) and the op's tensor inputs with
+    its lists flattened (their lengths in ``list_sizes``); it returns the gradients of query, keys
+    and every list element, in order."""
+    _GRAPH_BACKWARDS[name] = fn
+
+
+def _graph_backward(op, tensors, list_sizes, strs, nums):
+    return _GRAPH_BACKWARDS[op](tensors, list_sizes, strs, nums)
+
+
+_C._set_graph_backward(_graph_backward)
+
+
 def below_autograd():
     """Calls a fused backward without its autograd kernel: the plain backward runs with grad
     mode off, where that kernel would only add Python overhead."""

@@ -518,14 +518,25 @@ int64_t pair_work(const Mlp<T>& m) {
 // call is small (one range runs on the calling thread).
 int64_t n_parts(int64_t total_work) { return std::clamp<int64_t>(total_work / kMinRangeWork, 1, kSlots); }
 
+// Ranges of the MLP's passes: as n_parts, and no more than one per kTile / 2 pairs, so tiles
+// stay large (a tile's fixed costs, its small GEMM calls and its gradient buffer, are worth
+// about 30 pairs of work; ranges of ~8 pairs made the backward at T=1 3-4x slower).
+int64_t n_mlp_parts(int64_t total_work, int64_t pairs) {
+  return std::clamp<int64_t>(std::min(total_work / kMinRangeWork, pairs / (kTile / 2)), 1, kSlots);
+}
+
 // Ranges of units of about equal work, cut anywhere (forward and statistics: nothing is
 // accumulated per row). A run's setup is counted as kFoldMinLen / 4 positions.
 template <typename T>
 std::vector<int64_t> unit_ranges(const Work& w, const Mlp<T>& m) {
   std::vector<int64_t> work(w.units.size());
   int64_t total = 0;
-  for (size_t i = 0; i < w.units.size(); ++i) total += work[i] = w.units[i].n + kFoldMinLen / 4;
-  return balanced_split(work, n_parts(total * pair_work(m)));
+  int64_t pairs = 0;
+  for (size_t i = 0; i < w.units.size(); ++i) {
+    total += work[i] = w.units[i].n + kFoldMinLen / 4;
+    pairs += w.units[i].n;
+  }
+  return balanced_split(work, n_mlp_parts(total * pair_work(m), pairs));
 }
 
 // Ranges of rows of about equal work (backward: a row's key gradient is accumulated by all its
@@ -538,7 +549,7 @@ std::vector<int64_t> row_ranges(const Rows& r, const Mlp<T>& m) {
   std::vector<int64_t> work(r.B);
   int64_t total = 0;
   for (int64_t b = 0; b < r.B; ++b) total += work[b] = r.C * (r.len[b] + kFoldMinLen / 4);
-  return balanced_split(work, m.act == Act::Dice ? kSlots : n_parts(total * pair_work(m)));
+  return balanced_split(work, m.act == Act::Dice ? kSlots : n_mlp_parts(total * pair_work(m), r.valid * r.C));
 }
 
 // fn(lo, hi) over the parts [0, n): on the calling thread when there is one part or serial.

@@ -279,20 +279,19 @@ def _attention_pooling_stats_backward_fake(grad_mean, grad_var, mean, query, key
 
 
 # --- autograd --------------------------------------------------------------------------------
-_LISTS = ("weights", "biases", "act_weights", "norm_mean", "norm_var", "norm_weight", "norm_bias")
-
-
-def _setup_pooling(ctx, inputs, output):
-    (query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var, norm_weight,
-     norm_bias, activation, normalization, scale, eps) = inputs
-    ctx.save_for_backward(query, keys, output[1])
-    ctx.rows = (lengths, offsets)
-    ctx.lists = (weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias)
-    ctx.opts = (activation, normalization, scale, eps)
-
-
+# The autograd kernels are C++ (csrc/autograd.cpp): the backward node calls the fused backward
+# op. A backward with create_graph=True calls the functions below, which differentiate the
+# reference computation so the gradients carry a graph (exact to any order).
 def _upcast(ts, dtype):
     return [t.to(dtype) for t in ts]
+
+
+def _split(flat, sizes):
+    out, at = [], 0
+    for n in sizes:
+        out.append(list(flat[at:at + n]))
+        at += n
+    return out
 
 
 def _reference_pooling(lengths, offsets, activation, normalization, scale, eps, query, keys, weights,
@@ -309,35 +308,13 @@ def _reference_pooling(lengths, offsets, activation, normalization, scale, eps, 
         dice_beta=_upcast(norm_bias, acc) or None, training=False, eps=eps, return_weights=True)
 
 
-def _backward_pooling(ctx, grad_out, grad_attn):
-    query, keys, attn = ctx.saved_tensors
-    lengths, offsets = ctx.rows
-    activation, normalization, scale, eps = ctx.opts
-    if torch.is_grad_enabled():  # create_graph=True: gradients with a graph, exact to any order
-        grads = lib.vjp_with_graph(
-            functools.partial(_reference_pooling, lengths, offsets, activation, normalization, scale, eps),
-            (query, keys, *ctx.lists), (grad_out, grad_attn))
-        return (grads[0], grads[1], None, None, *grads[2:], None, None, None, None)
-    if grad_out is None:
-        grad_out = torch.zeros_like(query)
-    with lib.below_autograd():
-        grads = _ops.attention_pooling_backward(
-            grad_out.contiguous(), None if grad_attn is None else grad_attn.contiguous(), attn, query,
-            keys, lengths, offsets, *ctx.lists, activation, normalization, scale, eps)
-    gq, gk = grads[0], grads[1]
-    return (gq, gk, None, None, *grads[2:], None, None, None, None)
-
-
-torch.library.register_autograd("din_ops::attention_pooling", _backward_pooling, setup_context=_setup_pooling)
-
-
-def _setup_stats(ctx, inputs, output):
-    (query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var, norm_weight,
-     norm_bias, activation, eps) = inputs
-    ctx.save_for_backward(query, keys, output[0])
-    ctx.rows = (lengths, offsets)
-    ctx.lists = (weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias)
-    ctx.opts = (activation, eps)
+def _graph_backward_pooling(tensors, sizes, strs, nums):
+    grad_out, grad_attn, query, keys, lengths, offsets, *flat = tensors
+    (activation, normalization), (scale, eps) = strs, nums
+    grads = lib.vjp_with_graph(
+        functools.partial(_reference_pooling, lengths, offsets, activation, normalization, scale, eps),
+        (query, keys, *_split(flat, sizes)), (grad_out, grad_attn))
+    return [grads[0], grads[1], *(g for group in grads[2:] for g in group)]
 
 
 def _reference_stats(lengths, offsets, activation, eps, query, keys, weights, biases, act_weights,
@@ -351,23 +328,16 @@ def _reference_stats(lengths, offsets, activation, eps, query, keys, weights, bi
         dice_gamma=_upcast(norm_weight, acc) or None, dice_beta=_upcast(norm_bias, acc) or None, eps=eps)
 
 
-def _backward_stats(ctx, grad_mean, grad_var):
-    query, keys, mean = ctx.saved_tensors
-    lengths, offsets = ctx.rows
-    activation, eps = ctx.opts
-    if torch.is_grad_enabled():  # create_graph=True: gradients with a graph, exact to any order
-        grads = lib.vjp_with_graph(functools.partial(_reference_stats, lengths, offsets, activation, eps),
-                                   (query, keys, *ctx.lists), (grad_mean, grad_var))
-        return (grads[0], grads[1], None, None, *grads[2:], None, None)
-    grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean.contiguous()
-    grad_var = torch.zeros_like(mean) if grad_var is None else grad_var.contiguous()
-    with lib.below_autograd():
-        grads = _ops.attention_pooling_stats_backward(
-            grad_mean, grad_var, mean, query, keys, lengths, offsets, *ctx.lists, activation, eps)
-    return (grads[0], grads[1], None, None, *grads[2:], None, None)
+def _graph_backward_stats(tensors, sizes, strs, nums):
+    grad_mean, grad_var, query, keys, lengths, offsets, *flat = tensors
+    (activation,), (eps,) = strs, nums
+    grads = lib.vjp_with_graph(functools.partial(_reference_stats, lengths, offsets, activation, eps),
+                               (query, keys, *_split(flat, sizes)), (grad_mean, grad_var))
+    return [grads[0], grads[1], *(g for group in grads[2:] for g in group)]
 
 
-torch.library.register_autograd("din_ops::attention_pooling_stats", _backward_stats, setup_context=_setup_stats)
+lib.register_graph_backward("attention_pooling", _graph_backward_pooling)
+lib.register_graph_backward("attention_pooling_stats", _graph_backward_stats)
 lib.register_not_differentiable("attention_pooling_backward")
 lib.register_not_differentiable("attention_pooling_stats_backward")
 
