@@ -25,6 +25,9 @@ GraphBackward graph_backward = nullptr;
 // weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias
 constexpr size_t kLists = 7;
 using ListArgs = std::array<TensorList, kLists>;
+// The forward ops take the lists that may be empty as Tensor[]? (None: empty; csrc/din_ops.cpp).
+using OptList = std::optional<TensorList>;
+TensorList or_empty(const OptList& l) { return l.value_or(TensorList()); }
 using GradTuple = std::tuple<Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
                              std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>;
 
@@ -119,8 +122,8 @@ std::vector<std::optional<Tensor>> fused_order(GradTuple&& t) {
 
 // --- attention_pooling ---------------------------------------------------------------------
 using PoolingSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                              const std::optional<Tensor>&, TensorList, TensorList, TensorList,
-                                              TensorList, TensorList, TensorList, TensorList, c10::string_view,
+                                              const std::optional<Tensor>&, TensorList, TensorList, OptList,
+                                              OptList, OptList, OptList, OptList, c10::string_view,
                                               c10::string_view, double, double);
 using PoolingBackwardSig = GradTuple(const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
                                      const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
@@ -138,8 +141,8 @@ std::tuple<Tensor, Tensor> call_pooling(const Tensor& q, const Tensor& k, const 
                                         c10::string_view activation, c10::string_view normalization, double scale,
                                         double eps) {
   at::AutoDispatchBelowADInplaceOrView below;
-  return pooling_op().call(q, k, lengths, offsets, l[0], l[1], l[2], l[3], l[4], l[5], l[6], activation,
-                           normalization, scale, eps);
+  return pooling_op().call(q, k, lengths, offsets, l[0], l[1], OptList(l[2]), OptList(l[3]), OptList(l[4]),
+                           OptList(l[5]), OptList(l[6]), activation, normalization, scale, eps);
 }
 
 struct PoolingFn : public torch::autograd::Function<PoolingFn> {
@@ -184,9 +187,11 @@ struct PoolingFn : public torch::autograd::Function<PoolingFn> {
 
 std::tuple<Tensor, Tensor> attention_pooling_autograd(
     const Tensor& q, const Tensor& k, const std::optional<Tensor>& lengths, const std::optional<Tensor>& offsets,
-    TensorList weights, TensorList biases, TensorList act_weights, TensorList norm_mean, TensorList norm_var,
-    TensorList norm_weight, TensorList norm_bias, c10::string_view activation, c10::string_view normalization,
+    TensorList weights, TensorList biases, OptList act_weights_, OptList norm_mean_,
+    OptList norm_var_, OptList norm_weight_, OptList norm_bias_, c10::string_view activation, c10::string_view normalization,
     double scale, double eps) {
+  const TensorList act_weights = or_empty(act_weights_), norm_mean = or_empty(norm_mean_), norm_var = or_empty(norm_var_),
+                   norm_weight = or_empty(norm_weight_), norm_bias = or_empty(norm_bias_);
   const ListArgs l{weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias};
   if (!at::GradMode::is_enabled() || !any_requires_grad(q, k, l))
     return call_pooling(q, k, lengths, offsets, l, activation, normalization, scale, eps);
@@ -197,9 +202,8 @@ std::tuple<Tensor, Tensor> attention_pooling_autograd(
 
 // --- attention_pooling_stats -----------------------------------------------------------------
 using StatsSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                            const std::optional<Tensor>&, TensorList, TensorList, TensorList,
-                                            TensorList, TensorList, TensorList, TensorList, c10::string_view,
-                                            double);
+                                            const std::optional<Tensor>&, TensorList, TensorList, OptList, OptList,
+                                            OptList, OptList, OptList, c10::string_view, double);
 using StatsBackwardSig = GradTuple(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                    const std::optional<Tensor>&, const std::optional<Tensor>&, TensorList,
                                    TensorList, TensorList, TensorList, TensorList, TensorList, TensorList,
@@ -211,7 +215,8 @@ std::tuple<Tensor, Tensor> call_stats(const Tensor& q, const Tensor& k, const st
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("din_ops::attention_pooling_stats", "").typed<StatsSig>();
   at::AutoDispatchBelowADInplaceOrView below;
-  return op.call(q, k, lengths, offsets, l[0], l[1], l[2], l[3], l[4], l[5], l[6], activation, eps);
+  return op.call(q, k, lengths, offsets, l[0], l[1], OptList(l[2]), OptList(l[3]), OptList(l[4]), OptList(l[5]),
+                 OptList(l[6]), activation, eps);
 }
 
 struct StatsFn : public torch::autograd::Function<StatsFn> {
@@ -249,8 +254,10 @@ struct StatsFn : public torch::autograd::Function<StatsFn> {
 
 std::tuple<Tensor, Tensor> attention_pooling_stats_autograd(
     const Tensor& q, const Tensor& k, const std::optional<Tensor>& lengths, const std::optional<Tensor>& offsets,
-    TensorList weights, TensorList biases, TensorList act_weights, TensorList norm_mean, TensorList norm_var,
-    TensorList norm_weight, TensorList norm_bias, c10::string_view activation, double eps) {
+    TensorList weights, TensorList biases, OptList act_weights_, OptList norm_mean_,
+    OptList norm_var_, OptList norm_weight_, OptList norm_bias_, c10::string_view activation, double eps) {
+  const TensorList act_weights = or_empty(act_weights_), norm_mean = or_empty(norm_mean_), norm_var = or_empty(norm_var_),
+                   norm_weight = or_empty(norm_weight_), norm_bias = or_empty(norm_bias_);
   const ListArgs l{weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias};
   if (!at::GradMode::is_enabled() || !any_requires_grad(q, k, l))
     return call_stats(q, k, lengths, offsets, l, activation, eps);

@@ -10,12 +10,15 @@ TORCH_LIBRARY(din_ops, m) {
   // weights/biases: the MLP in nn.Linear layout, the last pair being the [1, H] output layer.
   // act_weights: per hidden layer, PReLU or Dice alpha (empty for other activations).
   // norm_*: per hidden layer, Dice normalization (mean, var, optional affine weight/bias).
+  // The lists that may be empty are optional, and None means empty: AOTInductor's proxy
+  // executor hands an empty Tensor[] to the kernel as None, but an absent Tensor[]? as None
+  // is what the schema says (so callers pass None for an empty list).
   // Returns the pooled vectors (shaped like query) and the attention weights
   // ([B, T] / [N], or [B, C, T] / [N, C] for several candidates).
   m.def(
       "attention_pooling(Tensor query, Tensor keys, Tensor? lengths, Tensor? offsets, "
-      "Tensor[] weights, Tensor[] biases, Tensor[] act_weights, Tensor[] norm_mean, "
-      "Tensor[] norm_var, Tensor[] norm_weight, Tensor[] norm_bias, str activation, "
+      "Tensor[] weights, Tensor[] biases, Tensor[]? act_weights, Tensor[]? norm_mean, "
+      "Tensor[]? norm_var, Tensor[]? norm_weight, Tensor[]? norm_bias, str activation, "
       "str normalization, float scale, float eps) -> (Tensor, Tensor)");
   m.def(
       "attention_pooling_backward(Tensor grad_out, Tensor? grad_attn, Tensor attn, "
@@ -30,8 +33,8 @@ TORCH_LIBRARY(din_ops, m) {
   // normalized value and statistics gradient, not a residue times 1/sqrt(eps)).
   m.def(
       "attention_pooling_stats(Tensor query, Tensor keys, Tensor? lengths, Tensor? offsets, "
-      "Tensor[] weights, Tensor[] biases, Tensor[] act_weights, Tensor[] norm_mean, "
-      "Tensor[] norm_var, Tensor[] norm_weight, Tensor[] norm_bias, str activation, "
+      "Tensor[] weights, Tensor[] biases, Tensor[]? act_weights, Tensor[]? norm_mean, "
+      "Tensor[]? norm_var, Tensor[]? norm_weight, Tensor[]? norm_bias, str activation, "
       "float eps) -> (Tensor, Tensor)");
   m.def(
       "attention_pooling_stats_backward(Tensor grad_mean, Tensor grad_var, Tensor mean, "

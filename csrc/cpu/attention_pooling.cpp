@@ -903,12 +903,37 @@ GradTuple attention_pooling_stats_backward_cpu(
   return result;
 }
 
+// The forward ops' schemas take the lists that may be empty as Tensor[]?, None meaning empty.
+using OptTensorList = std::optional<at::TensorList>;
+at::TensorList or_empty(const OptTensorList& l) { return l.value_or(at::TensorList()); }
+
+std::tuple<at::Tensor, at::Tensor> attention_pooling_op(
+    const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& offsets, at::TensorList weights, at::TensorList biases,
+    OptTensorList act_weights, OptTensorList norm_mean, OptTensorList norm_var, OptTensorList norm_weight,
+    OptTensorList norm_bias, c10::string_view activation, c10::string_view normalization, double scale,
+    double eps) {
+  return attention_pooling_cpu(query, keys, lengths, offsets, weights, biases, or_empty(act_weights),
+                               or_empty(norm_mean), or_empty(norm_var), or_empty(norm_weight), or_empty(norm_bias),
+                               activation, normalization, scale, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_pooling_stats_op(
+    const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& offsets, at::TensorList weights, at::TensorList biases,
+    OptTensorList act_weights, OptTensorList norm_mean, OptTensorList norm_var, OptTensorList norm_weight,
+    OptTensorList norm_bias, c10::string_view activation, double eps) {
+  return attention_pooling_stats_cpu(query, keys, lengths, offsets, weights, biases, or_empty(act_weights),
+                                     or_empty(norm_mean), or_empty(norm_var), or_empty(norm_weight),
+                                     or_empty(norm_bias), activation, eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(din_ops, CPU, m) {
-  m.impl("attention_pooling", &attention_pooling_cpu);
+  m.impl("attention_pooling", &attention_pooling_op);
   m.impl("attention_pooling_backward", &attention_pooling_backward_cpu);
-  m.impl("attention_pooling_stats", &attention_pooling_stats_cpu);
+  m.impl("attention_pooling_stats", &attention_pooling_stats_op);
   m.impl("attention_pooling_stats_backward", &attention_pooling_stats_backward_cpu);
 }
 

@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..ops.attention_pooling import check_attention_pooling_args
+from ..ops.attention_pooling import check_attention_pooling_args, optional_lists
 
 _ops = torch.ops.din_ops
 
@@ -146,7 +146,8 @@ def run_unit(query: torch.Tensor, rows: Rows, hidden: Sequence[Hidden], out_weig
     def stats(weights, biases):
         s = stats_rows
         return _ops.attention_pooling_stats(query, s.keys, s.lengths, s.offsets, weights, biases,
-                                            alphas[:len(weights) - 1], means, variances, gammas, betas, act, eps)
+                                            *optional_lists(alphas[:len(weights) - 1], means, variances, gammas,
+                                                            betas), act, eps)
 
     for h in hidden:
         w, bias = h.weight, bias_of(h.bias, h.weight)
@@ -182,7 +183,7 @@ def run_unit(query: torch.Tensor, rows: Rows, hidden: Sequence[Hidden], out_weig
 
     out, weights = _ops.attention_pooling(
         query, rows.keys, rows.lengths, rows.offsets, W + [out_weight], b + [bias_of(out_bias, out_weight)],
-        alphas, means, variances, gammas, betas, act, normalization, float(scale), float(eps))
+        *optional_lists(alphas, means, variances, gammas, betas), act, normalization, float(scale), float(eps))
     return (out, weights) if return_weights else out
 
 

@@ -342,6 +342,13 @@ lib.register_not_differentiable("attention_pooling_backward")
 lib.register_not_differentiable("attention_pooling_stats_backward")
 
 
+def optional_lists(*lists):
+    """The lists of the forward ops that may be empty (``Tensor[]?`` in the schema), None when
+    empty: AOTInductor's proxy executor passes an empty ``Tensor[]`` to the kernel as None,
+    while None for a ``Tensor[]?`` is what it means."""
+    return [list(x) if len(x) else None for x in lists]
+
+
 # --- public function ---------------------------------------------------------------------------
 def _valid_count(keys, lengths, C):
     if keys.dim() == 2:
@@ -451,8 +458,8 @@ def attention_pooling(
         for layer in range(n_hidden):
             mean, var = _ops.attention_pooling_stats(
                 query, keys, lengths, offsets, weights[: layer + 1], biases[: layer + 1],
-                act_weights[:layer], norm_mean, norm_var, norm_weight[:layer], norm_bias[:layer],
-                activation, eps)
+                *optional_lists(act_weights[:layer], norm_mean, norm_var, norm_weight[:layer],
+                                norm_bias[:layer]), activation, eps)
             norm_mean.append(mean)
             norm_var.append(var)
         if dice_running_mean is not None and dice_running_var is not None and n_hidden:
@@ -468,8 +475,9 @@ def attention_pooling(
             norm_weight, norm_bias, activation, normalization)
 
     out, attn = _ops.attention_pooling(
-        query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var, norm_weight,
-        norm_bias, activation, normalization, float(scale), float(eps))
+        query, keys, lengths, offsets, weights, biases,
+        *optional_lists(act_weights, norm_mean, norm_var, norm_weight, norm_bias), activation,
+        normalization, float(scale), float(eps))
     return (out, attn) if return_weights else out
 
 

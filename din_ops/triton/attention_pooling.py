@@ -1159,6 +1159,11 @@ def _acc_torch(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _lists(*lists):
+    """The forward ops take the lists that may be empty as ``Tensor[]?``: None means empty."""
+    return [[] if x is None else x for x in lists]
+
+
 @register_triton("attention_pooling")
 def attention_pooling(query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var,
                       norm_weight, norm_bias, activation, normalization, scale, eps):
@@ -1168,6 +1173,8 @@ def attention_pooling(query, keys, lengths, offsets, weights, biases, act_weight
     the kernels (memory-safe; results for such rows are unspecified), and on CPU tensors
     rejected with a RuntimeError like the C++ kernels; the public ``din_ops`` functions reject
     them with an error naming the argument."""
+    act_weights, norm_mean, norm_var, norm_weight, norm_bias = _lists(act_weights, norm_mean, norm_var,
+                                                                      norm_weight, norm_bias)
     pb = _Problem(query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var,
                   norm_weight, norm_bias, activation, len(weights) - 1, CONFIG.block_m, CONFIG.max_cb)
     out = torch.empty_like(pb.q)
@@ -1357,6 +1364,8 @@ def attention_pooling_stats(query, keys, lengths, offsets, weights, biases, act_
     the kernels (memory-safe; results for such rows are unspecified), and on CPU tensors
     rejected with a RuntimeError like the C++ kernels; the public ``din_ops`` functions reject
     them with an error naming the argument."""
+    act_weights, norm_mean, norm_var, norm_weight, norm_bias = _lists(act_weights, norm_mean, norm_var,
+                                                                      norm_weight, norm_bias)
     n_act = len(weights) - 1
     pb = _Problem(query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var,
                   norm_weight, norm_bias, activation, n_act, CONFIG.block_m, CONFIG.max_cb, backward=True)
