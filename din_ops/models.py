@@ -178,6 +178,37 @@ def check_din_inputs(model, users, items, categories, hist_items, hist_categorie
                              f"got values in [{lo}, {hi}]")
 
 
+def check_score_inputs(model, users, items, categories, hist_items, hist_categories, lengths) -> int:
+    """``DIN.score``'s inputs (one user, C candidates); returns C."""
+    device = model.item_embedding.weight.device
+    _check_ids(items, "items", 1, device)
+    _check_ids(categories, "categories", 1, device)
+    C = items.shape[0]
+    if categories.shape != items.shape:
+        raise ValueError(f"categories must have shape [C] = [{C}] like items, got {tuple(categories.shape)}")
+    F = len(model.user_embeddings)
+    if F:
+        _check_ids(users, "users", 2, device)
+        if tuple(users.shape) != (1, F):
+            raise ValueError(f"users must have shape [1, F] = [1, {F}] (one user), got {tuple(users.shape)}")
+    _check_ids(hist_items, "hist_items", 2, device)
+    _check_ids(hist_categories, "hist_categories", 2, device)
+    if hist_items.shape[0] != 1:
+        raise ValueError(f"hist_items must have shape [1, T] (one user's history), got {tuple(hist_items.shape)}")
+    if hist_categories.shape != hist_items.shape:
+        raise ValueError(f"hist_categories must have the shape of hist_items {tuple(hist_items.shape)}, "
+                         f"got {tuple(hist_categories.shape)}")
+    if lengths is not None:
+        lib.check_lengths(lengths, 1, hist_items.shape[1], device)
+    named = [("items", items, model.item_embedding), ("categories", categories, model.category_embedding),
+             ("hist_items", hist_items, model.item_embedding),
+             ("hist_categories", hist_categories, model.category_embedding)]
+    named += [(f"users[:, {i}]", users[:, i], e) for i, e in enumerate(model.user_embeddings)]
+    for name, t, emb in named:
+        lib.check_index_range(t, emb.num_embeddings, name)
+    return C
+
+
 def _check_backend(backend: str):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -331,6 +362,48 @@ class DIN(nn.Module):
     def predict(self, *args, **kwargs) -> torch.Tensor:
         """Click probabilities ``sigmoid(forward(...))``."""
         return torch.sigmoid(self(*args, **kwargs))
+
+    def score(self, users, items, categories, hist_items, hist_categories, lengths=None):
+        """Serving: one user against C candidate ads; logits ``[C]``, equal to ``forward`` on the
+        user's features and history repeated for each candidate.
+
+        ``users [1, F]``, ``items [C]``, ``categories [C]``, the history ``hist_items [1, T]`` and
+        ``hist_categories [1, T]`` with ``lengths [1]`` (None: all T valid). With
+        ``backend="din_ops"`` the attention takes ``query [1, C, D]`` and reads the history once
+        for all C candidates; the eager backend expands it to C rows, as DeepCTR-Torch users do.
+        """
+        C = check_score_inputs(self, users, items, categories, hist_items, hist_categories, lengths)
+        query = torch.cat([self.item_embedding(items), self.category_embedding(categories)], dim=-1)  # [C, 2E]
+        keys = self._history(hist_items, hist_categories)  # [1, T, 2E]
+        if self.attention is None:
+            mask = _ref.valid_mask(lengths, 1, keys.shape[1], keys.device)
+            interest = torch.bmm(mask.to(keys.dtype).unsqueeze(1), keys).squeeze(1).expand(C, -1)
+        elif self.backend == "din_ops":
+            interest = self.attention(query.unsqueeze(0), keys, lengths=lengths).squeeze(0)  # [C, 2E]
+        else:
+            T = keys.shape[1]
+            interest = self.attention(query, keys.expand(C, T, keys.shape[2]),
+                                      lengths=None if lengths is None else lengths.expand(C))
+        parts = [e(users[:, i]).expand(C, -1) for i, e in enumerate(self.user_embeddings)] + [query, interest]
+        return self.mlp(torch.cat(parts, dim=-1))
+
+    def serving(self) -> "DINServing":
+        """A module whose ``forward`` is :meth:`score`, to export for serving (``torch.export``,
+        AOTInductor, ONNX); it shares this model's parameters."""
+        return DINServing(self)
+
+
+class DINServing(nn.Module):
+    """``forward(users [1, F], items [C], categories [C], hist_items [1, T], hist_categories [1, T],
+    lengths [1])`` -> logits ``[C]``: :meth:`DIN.score` of the wrapped model, for export with a
+    dynamic number of candidates C and history length T (``examples/serve_din.py``)."""
+
+    def __init__(self, model: DIN):
+        super().__init__()
+        self.model = model
+
+    def forward(self, users, items, categories, hist_items, hist_categories, lengths):
+        return self.model.score(users, items, categories, hist_items, hist_categories, lengths)
 
 
 class BaseModel(DIN):
