@@ -14,8 +14,11 @@ from . import nn  # noqa: E402  (din_ops.nn.AttentionPooling, din_ops.nn.Dice)
 from . import optim  # noqa: E402  (din_ops.optim.MBASGD, din_ops.optim.MBAAdagrad)
 from . import models  # noqa: E402  (din_ops.models.DIN, din_ops.models.BaseModel)
 
+from . import onnx  # noqa: E402  (ONNX translations, registered when onnxscript is imported)
+
 # CUDA tensors run the Triton kernels: register them whenever they can run.
 _library.load_triton_if_usable()
+onnx._install()
 
 __version__ = "0.1.0"
 
