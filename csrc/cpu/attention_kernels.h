@@ -268,6 +268,56 @@ inline void lowp_product(const LowpLayer& p, at::ScalarType dt, int64_t Mr, cons
   }
 }
 
+// C [Mr, N] = lowp(A [M, K]) B on the matrix unit, B = p: the backward's dA = dZ W. Rounding
+// dZ to the input dtype is what a half-precision nn.Linear's backward does too.
+inline void lowp_dgrad(const LowpLayer& p, at::ScalarType dt, const float* A, int64_t M, uint16_t* buf, float* C) {
+  const int64_t Mr = (M + kRowsM - 1) / kRowsM * kRowsM;
+  to_lowp(dt, A, M, p.K, Mr, p.Kp, buf);
+  std::fill(C, C + Mr * p.N, 0.0f);
+  lowp_product(p, dt, Mr, buf, C, p.N);
+}
+
+// C [H, N] += lowp(dZ)^T lowp(A) on the matrix unit: a weight gradient dW = dZ^T A summed over
+// the tile's M rows (dZ [M, H], A [M, N] in float). Scratch: dzt [H, Mr], a [Mr, N] and
+// packed [ceil(N / kBlockN), Mr, kBlockN] in the input dtype.
+template <typename L>
+void lowp_wgrad_as(at::ScalarType dt, const float* dz, int64_t M, int64_t H, const float* A, int64_t N,
+                   uint16_t* dzt, uint16_t* a, uint16_t* packed, float* C) {
+  const int64_t Mr = (M + kRowsM - 1) / kRowsM * kRowsM;  // the product's K: even, zero past M
+  for (int64_t h = 0; h < H; ++h) {
+    uint16_t* __restrict o = dzt + h * Mr;
+    if (dt == at::kBFloat16) {
+      for (int64_t i = 0; i < M; ++i) o[i] = bf16_bits(dz[i * H + h]);
+    } else {
+      for (int64_t i = 0; i < M; ++i) o[i] = c10::Half(dz[i * H + h]).x;
+    }
+    std::fill(o + M, o + Mr, uint16_t(0));
+  }
+  to_lowp(dt, A, M, N, Mr, N, a);
+  for (int64_t j = 0; j * kBlockN < N; ++j) {
+    const int64_t n = std::min(kBlockN, N - j * kBlockN);
+    uint16_t* pj = packed + j * Mr * kBlockN;
+    at::native::cpublas::pack(Mr, n, N, kBlockN, dt, dt, a + j * kBlockN, pj);
+    at::native::cpublas::brgemm(H, n, Mr, Mr, kBlockN, N, true, reinterpret_cast<const L*>(dzt),
+                                reinterpret_cast<const L*>(pj), C + j * kBlockN);
+  }
+}
+
+template <typename T>
+void lowp_wgrad(const Mlp<T>& m, Workspace<T>& ws, const float* dz, int64_t H, const float* A, int64_t N, float* C) {
+  if (m.lowp == at::kBFloat16) {
+    lowp_wgrad_as<at::BFloat16>(m.lowp, dz, ws.M, H, A, N, ws.dZt.data(), ws.Aw.data(), ws.Bp.data(), C);
+  } else {
+    lowp_wgrad_as<at::Half>(m.lowp, dz, ws.M, H, A, N, ws.dZt.data(), ws.Aw.data(), ws.Bp.data(), C);
+  }
+}
+
+// Whether the backward's dA of layer l runs on the matrix unit.
+template <typename T>
+bool lowp_backward(const Mlp<T>& m, int64_t l) {
+  return std::is_same_v<T, float> && !m.lowp_wb.empty() && m.lowp_wb[l].packed.defined();
+}
+
 // C [Mr, N] += lowp(A) W_l^T on the matrix unit (T = float only).
 template <typename T>
 void lowp_layer(const Mlp<T>& m, int64_t l, const T* A, int64_t M, int64_t cols, uint16_t* buf, T* C, int64_t ldc) {
@@ -470,8 +520,19 @@ void layer0_unfolded_backward(const Mlp<T>& m, const GradLayout& lay, const Rows
   T* dW01 = ws.dW01.data();
   T* dX = ws.dX.data();
   // dW01 = dz^T X, dX = dz W01
-  gemm_rm<T>(true, false, H0, 2 * D, M, T(1), dz, H0, X, 2 * D, T(0), dW01, 2 * D);
-  gemm_rm<T>(false, false, M, 2 * D, H0, T(1), dz, H0, m.W01.data(), 2 * D, T(0), dX, 2 * D);
+  if constexpr (std::is_same_v<T, float>) {
+    if (lowp_backward(m, 0)) {
+      std::fill(dW01, dW01 + H0 * 2 * D, 0.0f);
+      lowp_wgrad(m, ws, dz, H0, X, 2 * D, dW01);
+      lowp_dgrad(m.lowp_wb[0], m.lowp, dz, M, ws.dZl.data(), dX);
+    } else {
+      gemm_rm<T>(true, false, H0, 2 * D, M, T(1), dz, H0, X, 2 * D, T(0), dW01, 2 * D);
+      gemm_rm<T>(false, false, M, 2 * D, H0, T(1), dz, H0, m.W01.data(), 2 * D, T(0), dX, 2 * D);
+    }
+  } else {
+    gemm_rm<T>(true, false, H0, 2 * D, M, T(1), dz, H0, X, 2 * D, T(0), dW01, 2 * D);
+    gemm_rm<T>(false, false, M, 2 * D, H0, T(1), dz, H0, m.W01.data(), 2 * D, T(0), dX, 2 * D);
+  }
   T* dCs = ws.Cs.data();  // the forward's run terms are not needed any more
   for (int64_t j = 0; j < S; ++j) {
     const Segment& s = ws.segs[j];
@@ -537,13 +598,29 @@ void tile_backward(const Mlp<T>& m, const GradLayout& lay, const Rows& r, const 
   for (int64_t l = m.L - 1; l >= 1; --l) {
     const int64_t H = m.H[l], Hin = m.fan_in[l];
     // dW_l += dZ_l^T A_{l-1}; db_l += sum_i dZ_l; dA_{l-1} = dZ_l W_l
-    gemm_rm<T>(true, false, H, Hin, M, T(1), dz, H, ws.A[l - 1].data(), Hin, T(1), g + lay.W[l], Hin);
+    if constexpr (std::is_same_v<T, float>) {
+      if (lowp_backward(m, l)) {
+        lowp_wgrad(m, ws, dz, H, ws.A[l - 1].data(), Hin, g + lay.W[l]);
+      } else {
+        gemm_rm<T>(true, false, H, Hin, M, T(1), dz, H, ws.A[l - 1].data(), Hin, T(1), g + lay.W[l], Hin);
+      }
+    } else {
+      gemm_rm<T>(true, false, H, Hin, M, T(1), dz, H, ws.A[l - 1].data(), Hin, T(1), g + lay.W[l], Hin);
+    }
     T* gb = g + lay.b[l];
     std::vector<double> sum(H, 0.0);  // in double, as in activate_backward
     for (int64_t i = 0; i < M; ++i)
       for (int64_t h = 0; h < H; ++h) sum[h] += dz[i * H + h];
     for (int64_t h = 0; h < H; ++h) gb[h] += T(sum[h]);
-    gemm_rm<T>(false, false, M, Hin, H, T(1), dz, H, m.w(l), Hin, T(0), dprev, Hin);
+    if constexpr (std::is_same_v<T, float>) {
+      if (lowp_backward(m, l)) {
+        lowp_dgrad(m.lowp_wb[l], m.lowp, dz, M, ws.dZl.data(), dprev);
+      } else {
+        gemm_rm<T>(false, false, M, Hin, H, T(1), dz, H, m.w(l), Hin, T(0), dprev, Hin);
+      }
+    } else {
+      gemm_rm<T>(false, false, M, Hin, H, T(1), dz, H, m.w(l), Hin, T(0), dprev, Hin);
+    }
     activate_backward(m, lay, l - 1, ws.Z[l - 1].data(), ws.A[l - 1].data(), dprev, dz, M, g, ws.keep_nan);
   }
   if (ws.unfolded) {

@@ -213,12 +213,25 @@ struct Mlp {
   // [Wk - Wd | Wp] and every later layer with at least 16 outputs
   at::ScalarType lowp = at::ScalarType::Undefined;
   std::vector<LowpLayer> lowp_w;  // [L]; empty packed: that layer stays in float
+  // The backward's input gradients dA = dZ W on the matrix unit: W_l itself packed (K = H_l),
+  // layer 0 as W01 [H0, 2D]; [L] where lowp_w is, empty in forward-only calls (pack_backward).
+  std::vector<LowpLayer> lowp_wb;
 
   const T* w(int64_t l) const { return W[l].data_ptr<T>(); }
   const T* bias(int64_t l) const { return b[l].data_ptr<T>(); }
 };
 
 at::Tensor acc(const at::Tensor& t, at::ScalarType s) { return t.to(s).contiguous(); }
+
+// Packs the backward's weights for the matrix unit (Mlp::lowp_wb).
+template <typename T>
+void pack_backward(Mlp<T>& m) {
+  if (m.lowp == at::ScalarType::Undefined) return;
+  m.lowp_wb.resize(m.L);
+  m.lowp_wb[0] = pack_lowp(at::from_blob(m.W01.data(), {m.H[0], 2 * m.D}, m.W[0].options()), m.lowp);
+  for (int64_t l = 1; l < m.L; ++l)
+    if (m.lowp_w[l].packed.defined()) m.lowp_wb[l] = pack_lowp(m.W[l], m.lowp);
+}
 
 // 1 / sqrt(var + eps) of a Dice layer. A variance of -0.0 is the stats op's mark for a batch of
 // one valid pair: there the normalized value and its gradient are exactly 0 (h == mean), so the
@@ -349,6 +362,8 @@ struct Workspace {
   std::vector<T> Abc, cbc, dA0, dc0, dZ, dZprev;
   std::vector<T> X, Qs, Cs, dX, dW01, dQs;
   std::vector<uint16_t> Xl, Al;  // bf16/fp16 operands of the matrix unit: [kTile, Kp]
+  std::vector<uint16_t> dZl;     // the backward's dZ as such an operand
+  std::vector<uint16_t> dZt, Aw, Bp;  // weight gradients on the matrix unit: dZ^T, A, A packed
   // The tile's parameter gradients (GradLayout), added to the range's double sums after each
   // tile: under Dice's batch statistics they cancel to a few digits, and float sums over a whole
   // range would lose them.
@@ -397,6 +412,13 @@ struct Workspace {
       for (const LowpLayer& p : m.lowp_w) kp = std::max(kp, p.Kp);
       Xl.assign(rows * m.lowp_w[0].Kp, 0);
       Al.assign(rows * kp, 0);
+      if (backward) {
+        const int64_t n = std::max(m.maxH, 2 * D), blocks = (n + kBlockN - 1) / kBlockN;
+        dZl.assign(rows * ((m.maxH + 1) / 2 * 2), 0);
+        dZt.assign(m.maxH * rows, 0);
+        Aw.assign(rows * n, 0);
+        Bp.assign(blocks * rows * kBlockN, 0);
+      }
     }
   }
   ~Workspace() {
@@ -736,9 +758,9 @@ GradTuple attention_pooling_backward_cpu(
   GradTuple result;
   AT_DISPATCH_FLOATING_TYPES(acc_s, "attention_pooling_backward_cpu", [&] {
     using T = scalar_t;
-    const Mlp<T> m = make_mlp<T>(r.D, weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias,
-                                 std::string(activation), eps,
-                                 lowp_dtype<scalar_t>(query.scalar_type()));
+    Mlp<T> m = make_mlp<T>(r.D, weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias,
+                           std::string(activation), eps, lowp_dtype<scalar_t>(query.scalar_type()));
+    pack_backward(m);
     const GradLayout lay = grad_layout(m);
     const Inputs<T> in{ai.q.data_ptr<T>(), ai.k.data_ptr<T>()};
     const Work work = make_units(r);
@@ -870,9 +892,9 @@ GradTuple attention_pooling_stats_backward_cpu(
   GradTuple result;
   AT_DISPATCH_FLOATING_TYPES(acc_s, "attention_pooling_stats_backward_cpu", [&] {
     using T = scalar_t;
-    const Mlp<T> m = make_mlp<T>(r.D, weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias,
-                                 std::string(activation), eps,
-                                 lowp_dtype<scalar_t>(query.scalar_type()));
+    Mlp<T> m = make_mlp<T>(r.D, weights, biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias,
+                           std::string(activation), eps, lowp_dtype<scalar_t>(query.scalar_type()));
+    pack_backward(m);
     const GradLayout lay = grad_layout(m);
     const Inputs<T> in{ai.q.data_ptr<T>(), ai.k.data_ptr<T>()};
     const Work work = make_units(r);
