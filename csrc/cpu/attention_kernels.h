@@ -284,15 +284,19 @@ template <typename L>
 void lowp_wgrad_as(at::ScalarType dt, const float* dz, int64_t M, int64_t H, const float* A, int64_t N,
                    uint16_t* dzt, uint16_t* a, uint16_t* packed, float* C) {
   const int64_t Mr = (M + kRowsM - 1) / kRowsM * kRowsM;  // the product's K: even, zero past M
-  for (int64_t h = 0; h < H; ++h) {
-    uint16_t* __restrict o = dzt + h * Mr;
-    if (dt == at::kBFloat16) {
-      for (int64_t i = 0; i < M; ++i) o[i] = bf16_bits(dz[i * H + h]);
-    } else {
-      for (int64_t i = 0; i < M; ++i) o[i] = c10::Half(dz[i * H + h]).x;
+  constexpr int64_t kRows = 32;  // transposed in blocks of rows that stay in L1
+  for (int64_t i0 = 0; i0 < M; i0 += kRows) {
+    const int64_t i1 = std::min(M, i0 + kRows);
+    for (int64_t h = 0; h < H; ++h) {
+      uint16_t* __restrict o = dzt + h * Mr;
+      if (dt == at::kBFloat16) {
+        for (int64_t i = i0; i < i1; ++i) o[i] = bf16_bits(dz[i * H + h]);
+      } else {
+        for (int64_t i = i0; i < i1; ++i) o[i] = c10::Half(dz[i * H + h]).x;
+      }
     }
-    std::fill(o + M, o + Mr, uint16_t(0));
   }
+  for (int64_t h = 0; h < H; ++h) std::fill(dzt + h * Mr + M, dzt + (h + 1) * Mr, uint16_t(0));
   to_lowp(dt, A, M, N, Mr, N, a);
   for (int64_t j = 0; j * kBlockN < N; ++j) {
     const int64_t n = std::min(kBlockN, N - j * kBlockN);
