@@ -2,13 +2,17 @@
 
 Configures and builds the project into a temporary directory against the installed torch's
 libtorch, then runs the C++ checks (attention_pooling against the DIN formula in plain loops;
-dice too once it has a CPU kernel). Needs no Python extension.
+dice too once it has a CPU kernel), and examples/serve_din.cpp (din_ops_serve) running an
+AOTInductor package of ``DIN.serving()``. Only that last test needs the Python extension (to
+make the package).
 """
+import importlib.util
 import os
 import shutil
 import subprocess
 
 import pytest
+import torch
 import torch.utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,3 +67,23 @@ def test_cmake_run_without_library_fails(build_dir):
     r = _run([str(build_dir / "din_ops_run")], timeout=120)
     assert r.returncode != 0
     assert "not registered" in r.stdout
+
+
+def test_cmake_serve_package(build_dir, tmp_path):
+    # examples/serve_din.py makes the package; the C++ program builds the same request from C and T
+    # (vocabulary sizes from the package metadata) and prints one logit a line.
+    spec = importlib.util.spec_from_file_location("serve_din", os.path.join(ROOT, "examples", "serve_din.py"))
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    model = serve.build_model()
+    path = serve.package(model, str(tmp_path / "din.pt2"))
+    for C, T in [(8, 20), (1, 1), (37, 113)]:
+        r = _run([str(build_dir / "din_ops_serve"), path, str(C), str(T)], timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        got = torch.tensor([float(x) for x in r.stdout.split()])
+        with torch.no_grad():
+            want = model.score(*serve.request(C, T))
+        assert got.shape == want.shape, (C, T, r.stdout)
+        assert (got - want).abs().max().item() <= 1e-5, (C, T, got, want)
+    usage = _run([str(build_dir / "din_ops_serve"), path], timeout=60)
+    assert usage.returncode == 2 and "usage" in usage.stderr
