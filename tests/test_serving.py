@@ -6,6 +6,7 @@ Three AOTInductor compiles in all (module-scoped fixtures): DIN with the paper's
 DIN with Dice everywhere (eval: running statistics) and softmax weights, and a converted
 DeepCTR-Torch DIN. The C++ program running a package is checked in test_cmake.py.
 """
+import copy
 import importlib.util
 import os
 import warnings
@@ -183,3 +184,34 @@ def test_deepctr_torch_din_export_and_package(deepctr_served):
             want = model(X)
             _assert_close(module(X), want, f"exported, B={B}")
             _assert_close(runner(X), want, f"package, B={B}")
+
+
+def test_deepctr_masked_attention_exports():
+    """A converted AttentionSequencePoolingLayer(supports_masking=True) exports: under tracing it
+    takes the jagged route for any mask (holes included) instead of branching on the mask."""
+    _deepctr()
+    from deepctr_torch.layers import AttentionSequencePoolingLayer
+
+    import din_ops.compat.deepctr_torch as dc
+
+    torch.manual_seed(5)
+    m = AttentionSequencePoolingLayer(att_hidden_units=(8, 4), embedding_dim=4, supports_masking=True).eval()
+    c = dc.convert(copy.deepcopy(m)).eval()
+
+    class Masked(torch.nn.Module):
+        def __init__(self, unit):
+            super().__init__()
+            self.unit = unit
+
+        def forward(self, q, k, mask):
+            return self.unit(q, k, None, mask=mask)
+
+    def inputs(B, seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(B, 1, 4, generator=g), torch.randn(B, 6, 4, generator=g), torch.rand(B, 6, generator=g) > 0.3
+
+    B = torch.export.Dim("B", min=2, max=1024)
+    ep = torch.export.export(Masked(c), inputs(5, 0), dynamic_shapes=({0: B}, {0: B}, {0: B}))
+    for b in (5, 3, 17):
+        q, k, mask = inputs(b, b)
+        torch.testing.assert_close(ep.module()(q, k, mask), m(q, k, None, mask=mask), rtol=0, atol=1e-5)

@@ -117,8 +117,11 @@ class _FusedAttentionSequencePoolingLayer:
             valid = mask.reshape(B, T).to(torch.bool)
         else:
             valid = torch.arange(T, device=keys.device) < keys_length.reshape(-1, 1)
-        if self.supports_masking and not bool((valid.long().cummin(1).values == valid.long()).all()):
-            rows = jagged_from_mask(keys, valid)  # holes: gather the valid positions
+        # holes in the mask: gather the valid positions (while tracing, where the mask's values
+        # are unknown, always: torch.export cannot branch on them)
+        if self.supports_masking and (torch.compiler.is_compiling()
+                                      or not bool((valid.long().cummin(1).values == valid.long()).all())):
+            rows = jagged_from_mask(keys, valid)
         else:
             rows = Rows(keys, lengths=valid.sum(1))
         lau = self.local_att
