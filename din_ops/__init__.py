@@ -4,9 +4,14 @@
 - :func:`dice`: Dice with statistics over valid positions only.
 - :func:`mba_sparse_update_`, :func:`mba_penalty`, :func:`count_frequencies`: mini-batch aware
   regularization of embedding tables; :mod:`din_ops.optim` holds the MBA optimizers.
+
+Input value checks on CUDA tensors never synchronize with the host: they are device-side asserts
+by default; :func:`set_cuda_value_checks` (``"async"`` | ``"off"`` | ``"sync"``) or the
+environment variable ``DIN_OPS_CUDA_VALUE_CHECKS`` changes that (see ``din_ops._library``).
 """
 from . import _library
-from ._library import backend, get_backend, set_backend
+from ._library import (backend, cuda_value_checks, get_backend, get_cuda_value_checks, set_backend,
+                       set_cuda_value_checks)
 from .ops.attention_pooling import attention_pooling
 from .ops.dice import dice
 from .ops.mba import FrequencyCounter, count_frequencies, mba_penalty, mba_sparse_update_
@@ -27,9 +32,12 @@ __all__ = [
     "attention_pooling",
     "backend",
     "count_frequencies",
+    "cuda_value_checks",
     "dice",
     "get_backend",
+    "get_cuda_value_checks",
     "mba_penalty",
     "mba_sparse_update_",
     "set_backend",
+    "set_cuda_value_checks",
 ]

@@ -102,11 +102,101 @@ def backend(name: str):
 
 
 # --- input checks shared by the ops ------------------------------------------------------------
-def _checking_values() -> bool:
-    """Value checks read tensor data: skip them while tracing (fake tensors hold no data)."""
+# Value checks (lengths/offsets ranges, index ranges, NaN frequencies) read tensor data. On CPU
+# tensors they run on the host and raise a ValueError that names the argument and the values
+# found, before any kernel runs. On CUDA tensors a host read is a device synchronization (and
+# makes CUDA-graph capture impossible), so there the checks follow one switch:
+#
+# * ``"async"`` (default): device-side asserts (``torch._assert_async``): no synchronization;
+#   a failing check stops the process's CUDA context at the next synchronization with a message
+#   that names the argument (the values are not reported);
+# * ``"off"``: no value checks (the kernels still clamp or skip out-of-range values, so nothing
+#   is read or written out of bounds; results for such rows are unspecified);
+# * ``"sync"``: the CPU behaviour (host reads, a ValueError with the values), for debugging.
+#
+# Set it with :func:`set_cuda_value_checks` / the :func:`cuda_value_checks` context manager, or
+# before import with the environment variable ``DIN_OPS_CUDA_VALUE_CHECKS``. Under
+# ``torch.compile`` value checks are skipped (fake tensors hold no data).
+CUDA_VALUE_CHECK_MODES = ("async", "off", "sync")
+_ENV_VALUE_CHECKS = "DIN_OPS_CUDA_VALUE_CHECKS"
+
+
+def _initial_cuda_value_checks() -> str:
+    mode = os.environ.get(_ENV_VALUE_CHECKS, "async").strip().lower() or "async"
+    if mode not in CUDA_VALUE_CHECK_MODES:
+        warnings.warn(f"din_ops: {_ENV_VALUE_CHECKS}={mode!r} is not one of {CUDA_VALUE_CHECK_MODES}; "
+                      "using 'async'")
+        mode = "async"
+    return mode
+
+
+_cuda_value_checks = _initial_cuda_value_checks()
+# Tests: CPU tensors take the CUDA checks (device-side asserts raise at once on CPU tensors).
+_ASYNC_CHECKS_ON_CPU = False
+
+
+def set_cuda_value_checks(mode: str) -> None:
+    """How the input value checks treat CUDA tensors: ``"async"`` (default; device-side
+    asserts, no host synchronization), ``"off"`` (none) or ``"sync"`` (read on the host: a
+    ValueError with the values, one synchronization per check). CPU tensors are always checked
+    on the host. The initial mode comes from ``DIN_OPS_CUDA_VALUE_CHECKS`` (default ``async``)."""
+    global _cuda_value_checks
+    if mode not in CUDA_VALUE_CHECK_MODES:
+        raise ValueError(f"mode must be one of {CUDA_VALUE_CHECK_MODES}, got {mode!r}")
+    _cuda_value_checks = mode
+
+
+def get_cuda_value_checks() -> str:
+    return _cuda_value_checks
+
+
+@contextlib.contextmanager
+def cuda_value_checks(mode: str):
+    """Context manager form of :func:`set_cuda_value_checks`."""
+    previous = _cuda_value_checks
+    set_cuda_value_checks(mode)
+    try:
+        yield
+    finally:
+        set_cuda_value_checks(previous)
+
+
+def value_check_mode(t: torch.Tensor) -> str:
+    """``"sync"`` (host reads, ValueError), ``"async"`` (device-side asserts) or ``"off"`` for the
+    value checks of tensor ``t``."""
     if torch.compiler.is_compiling():
-        return False
-    return True
+        return "off"
+    if t.device.type == "cuda":
+        return _cuda_value_checks
+    if _ASYNC_CHECKS_ON_CPU and t.device.type == "cpu":
+        return "async"
+    return "sync"
+
+
+_ASYNC_NOTE = " (device-side check: values not reported; din_ops.set_cuda_value_checks('sync') reports them)"
+
+
+def assert_async(cond: torch.Tensor, msg: str) -> None:
+    """Device-side assert of the one-element ``cond`` (no host synchronization on CUDA; raises a
+    RuntimeError at once on CPU tensors). ``msg`` names the argument."""
+    msg = "din_ops: " + msg
+    if len(msg) + len(_ASYNC_NOTE) < 250:
+        msg += _ASYNC_NOTE
+    torch._assert_async(cond, msg[:250])
+
+
+def _fits(dtype: torch.dtype, bound: int) -> bool:
+    info = torch.iinfo(dtype)
+    return info.min <= bound <= info.max
+
+
+def _aminmax(t: torch.Tensor, bound: int):
+    """``(min, max)`` of ``t`` as device scalars, in int64 when ``bound`` is past ``t``'s dtype
+    (a Python int compared with an int32 tensor is cast to int32, and would wrap)."""
+    lo, hi = torch.aminmax(t)
+    if not _fits(t.dtype, bound):
+        lo, hi = lo.to(torch.int64), hi.to(torch.int64)
+    return lo, hi
 
 
 def check_tensor(t, name: str, *, dims=None, dtype=None, device=None, floating=False):
@@ -131,12 +221,18 @@ def check_lengths(lengths, B: int, T: int, device, name: str = "lengths"):
         raise ValueError(f"{name} must be int32 or int64, got {lengths.dtype}")
     if lengths.shape[0] != B:
         raise ValueError(f"{name} must have shape [{B}] (one length per row), got {tuple(lengths.shape)}")
-    if _checking_values() and B > 0:
+    if B == 0:
+        return
+    mode = value_check_mode(lengths)
+    if mode == "sync":
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 0:
             raise ValueError(f"{name} must be non-negative, got a minimum of {lo}")
         if hi > T:
             raise ValueError(f"{name} must not exceed the padded length T={T}, got a maximum of {hi}")
+    elif mode == "async":
+        lo, hi = _aminmax(lengths, T)
+        assert_async((lo >= 0) & (hi <= T), f"{name} must lie in [0, T={T}]")
 
 
 def check_offsets(offsets, B: int, N: int, device, name: str = "offsets"):
@@ -148,7 +244,8 @@ def check_offsets(offsets, B: int, N: int, device, name: str = "offsets"):
         raise ValueError(f"{name} must have shape [{B + 1}] (B + 1 entries), got {tuple(offsets.shape)}")
     if offsets.shape[0] == 0:
         raise ValueError(f"{name} must have at least one entry (offsets[0] == 0)")
-    if _checking_values():
+    mode = value_check_mode(offsets)
+    if mode == "sync":
         first, last = int(offsets[0]), int(offsets[-1])
         if first != 0:
             raise ValueError(f"{name}[0] must be 0, got {first}")
@@ -156,13 +253,25 @@ def check_offsets(offsets, B: int, N: int, device, name: str = "offsets"):
             raise ValueError(f"{name}[-1] must equal the number of values N={N}, got {last}")
         if offsets.shape[0] > 1 and bool((offsets[1:] < offsets[:-1]).any()):
             raise ValueError(f"{name} must be non-decreasing")
+    elif mode == "async":
+        last = offsets[-1] if _fits(offsets.dtype, N) else offsets[-1].to(torch.int64)
+        ok = (offsets[0] == 0) & (last == N)
+        if offsets.shape[0] > 1:
+            ok = ok & (offsets[1:] >= offsets[:-1]).all()
+        assert_async(ok, f"{name} must start at 0, be non-decreasing and end at N={N}")
 
 
 def check_index_range(indices, num: int, name: str = "indices"):
-    if _checking_values() and indices.numel() > 0:
+    if indices.numel() == 0:
+        return
+    mode = value_check_mode(indices)
+    if mode == "sync":
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= num:
             raise ValueError(f"{name} must lie in [0, {num}), got values in [{lo}, {hi}]")
+    elif mode == "async":
+        lo, hi = _aminmax(indices.reshape(-1), num)
+        assert_async((lo >= 0) & (hi < num), f"{name} must lie in [0, {num})")
 
 
 def update_running_stats(running_mean, running_var, mean, var, n, momentum):

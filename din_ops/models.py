@@ -128,7 +128,9 @@ def _check_ids(t, name: str, dims: int, device):
 
 
 def check_din_inputs(model, users, items, categories, hist_items, hist_categories, lengths, offsets):
-    """``DIN.forward``'s inputs: ids in range of their tables, shapes, devices, rows."""
+    """``DIN.forward``'s inputs: ids in range of their tables, shapes, devices, rows. The value
+    checks read CPU tensors on the host (one read for every range); CUDA tensors get
+    device-side asserts (or none): see :func:`din_ops.set_cuda_value_checks`."""
     device = model.item_embedding.weight.device
     _check_ids(items, "items", 1, device)
     B = items.shape[0]
@@ -161,7 +163,8 @@ def check_din_inputs(model, users, items, categories, hist_items, hist_categorie
                              f"got {tuple(hist_items.shape)}")
         if lengths is not None:
             lib.check_lengths(lengths, B, hist_items.shape[1], device)
-    if not lib._checking_values():
+    mode = lib.value_check_mode(items)
+    if mode == "off":
         return
     named = [("items", items, model.item_embedding), ("categories", categories, model.category_embedding),
              ("hist_items", hist_items, model.item_embedding),
@@ -169,6 +172,10 @@ def check_din_inputs(model, users, items, categories, hist_items, hist_categorie
     named += [(f"users[:, {i}]", users[:, i], e) for i, e in enumerate(model.user_embeddings)]
     named = [x for x in named if x[1].numel() > 0]
     if not named:
+        return
+    if mode == "async":  # CUDA: device-side asserts, no host synchronization
+        for name, t, emb in named:
+            lib.check_index_range(t, emb.num_embeddings, name)
         return
     # one host synchronization for every range
     bounds = torch.stack([torch.stack([t.min(), t.max()]).to(torch.int64) for _, t, _ in named]).tolist()
@@ -262,6 +269,11 @@ class DIN(nn.Module):
     ``users [B, F]`` (one column per user field), ``items [B]``, ``categories [B]``, and the
     history padded (``[B, T]`` with ``lengths [B]``; padding may hold any id) or jagged (``[N]``
     with ``offsets [B + 1]``). Returns logits ``[B]``.
+
+    ``forward`` and :meth:`score` check their ids (in range of their tables), lengths and
+    offsets: on the host for CPU tensors (a ValueError naming the argument and the values); on
+    CUDA tensors with device-side asserts, or not at all, as :func:`din_ops.set_cuda_value_checks`
+    says, so neither synchronizes and inference can be captured in a ``torch.cuda.CUDAGraph``.
     """
 
     def __init__(

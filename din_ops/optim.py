@@ -21,6 +21,11 @@ the update, so ``n_j`` is the number of occurrences seen so far (at least 1 for 
 ``padding_idx={param: idx}``; :func:`embedding_padding` collects it from a model's
 ``nn.Embedding`` modules.
 
+``step`` does not synchronize with a CUDA device: the value checks of the sparse gradients'
+indices (and of float frequencies) are device-side asserts, or skipped, as
+:func:`din_ops.set_cuda_value_checks` says; the online counts and the MBA update run on the
+device.
+
 Checkpoints: ``state_dict()`` holds the state (online counts, Adagrad sums) and the param groups
 with their ``frequencies`` and ``padding_idx`` (per-parameter dicts are keyed by parameter index,
 so ``torch.load(..., weights_only=True)`` reads it). ``load_state_dict`` keeps every state tensor
@@ -188,9 +193,10 @@ class _MBAOptimizer(torch.optim.Optimizer):
         if counts is None:
             counts = st["frequency"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
         flat = indices.to(torch.int64)  # counts and range were checked by _check_step
-        if padding_idx is not None:
-            flat = flat[flat != padding_idx % p.shape[0]]
-        counts.index_add_(0, flat, torch.ones_like(flat))
+        if padding_idx is None:
+            counts.index_add_(0, flat, torch.ones_like(flat))
+        else:  # the padding row is added 0: a boolean mask would need its size on the host
+            counts.index_add_(0, flat, (flat != padding_idx % p.shape[0]).to(torch.int64))
         return counts
 
     def state_dict(self):

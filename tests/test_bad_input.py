@@ -793,6 +793,105 @@ def test_din_bad_config(case):
         fn()
 
 
+# --- the CUDA value checks (device-side asserts) on CPU tensors ---------------------------------
+# On CUDA tensors the value checks are device-side asserts (torch._assert_async: no host sync).
+# A private switch sends CPU tensors through that path, where the assert raises at once: each
+# value case of the tables above then raises a RuntimeError naming its argument, before anything
+# is written, and the valid inputs still pass.
+ASYNC_VALUE_CASES = {
+    "attention_pooling": (lambda c: test_attention_pooling_bad_input(c), "AP_BAD",
+                          ["lengths_negative", "lengths_above_T", "lengths_huge", "offsets_start",
+                           "offsets_decreasing", "offsets_end_short", "offsets_past_N"]),
+    "dice": (lambda c: test_dice_bad_input(c), "DICE_BAD",
+             ["lengths_negative", "lengths_above_T", "offsets_start", "offsets_decreasing", "offsets_end"]),
+    "mba_sparse_update_": (lambda c: test_mba_sparse_update_bad_input(c), "UPD_BAD",
+                           ["indices_too_large", "indices_negative", "indices_huge", "indices_int32_negative",
+                            "freq_nan"]),
+    "mba_penalty": (lambda c: test_mba_penalty_bad_input(c), "PEN_BAD",
+                    ["indices_too_large", "indices_negative", "freq_nan"]),
+    "count_frequencies": (lambda c: test_count_frequencies_bad_input(c), "CF_BAD",
+                          ["too_large", "negative", "batch_out_of_range"]),
+    "FrequencyCounter": (lambda c: test_frequency_counter_bad_input(c), "FC_BAD",
+                         ["update_range", "update_negative", "load_negative"]),
+    "DIN": (lambda c: test_din_bad_input(c, models.DIN), "DIN_BAD",
+            ["users_range", "users_negative", "items_range", "items_negative", "categories_range",
+             "hist_items_range", "hist_categories_negative", "lengths_above_T", "lengths_negative",
+             "offsets_start", "offsets_decreasing", "offsets_end", "offsets_past_N"]),
+    "BaseModel": (lambda c: test_din_bad_input(c, models.BaseModel), "DIN_BAD",
+                  ["items_range", "hist_items_range", "lengths_above_T", "offsets_decreasing"]),
+}
+
+
+@pytest.fixture
+def async_checks(monkeypatch):
+    monkeypatch.setattr(din_ops._library, "_ASYNC_CHECKS_ON_CPU", True)
+
+
+@pytest.mark.parametrize("fn,case", [(fn, c) for fn, (_, _, cases) in ASYNC_VALUE_CASES.items() for c in cases])
+def test_async_value_checks_on_cpu(async_checks, monkeypatch, fn, case):
+    run, table_name, _ = ASYNC_VALUE_CASES[fn]
+    table = globals()[table_name]
+    entry = table[case]
+    # the same case, expecting the device-side assert's RuntimeError naming the argument
+    monkeypatch.setitem(table, case, (*entry[:-2], RuntimeError, entry[-1] + r".*\(device-side check"))
+    run(case)
+
+
+@pytest.mark.parametrize("cls", [MBASGD, MBAAdagrad])
+@pytest.mark.parametrize("case", ["index_too_large", "index_negative"])
+def test_async_value_checks_on_cpu_optimizer(async_checks, monkeypatch, cls, case):
+    set_grad, name = BAD_GRADS[case]
+    monkeypatch.setitem(BAD_GRADS, case, (set_grad, name + r".*\(device-side check"))
+    for freqs in (False, True):
+        test_optimizer_bad_gradients(case, cls, freqs)
+
+
+def test_async_value_checks_on_cpu_good_inputs(async_checks):
+    for over in (dict(), dict(jagged=True), dict(activation="dice"), dict(normalization="softmax")):
+        test_attention_pooling_good_input_passes(over)
+    for jagged in (False, True):
+        test_dice_good_input_passes(jagged)
+        test_din_good_input_passes(models.DIN, jagged)
+    for optimizer in ("sgd", "adagrad", "adagrad_rowwise"):
+        test_mba_sparse_update_good_input_passes(optimizer)
+    c = _counter()
+    c.update(_t(0, 0, 5))
+    assert c.total == 4 and c.counts.tolist() == [0, 1, 2, 0, 0, 1]
+    assert float(din_ops.mba_penalty(torch.ones(NE, DE), _t(1, 3, 3), torch.full((NE,), 2.0), 0.5)) == 1.0
+
+
+def test_async_value_checks_compare_past_the_index_dtype(async_checks):
+    """A bound past int32 (or uint8) compared with the index dtype would wrap: compared in int64."""
+    check = din_ops._library.check_index_range
+    check(_t(5, 2**31 - 1, dtype=torch.int32), 3 * 2**30)
+    check(_t(50, 255, dtype=torch.uint8), 300)
+    for t, n in ((_t(50, dtype=torch.uint8), 50), (_t(-1, dtype=torch.int32), 3 * 2**30), (_t(2**40), 2**40)):
+        with pytest.raises(RuntimeError, match="indices"):
+            check(t, n)
+    din_ops._library.check_lengths(_t(0, 3, dtype=torch.int32), 2, 2**33, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="offsets"):
+        din_ops._library.check_offsets(_t(0, 3, dtype=torch.int32), 1, 2**32 + 3, torch.device("cpu"))
+
+
+def test_cuda_value_checks_switch():
+    assert din_ops.get_cuda_value_checks() == "async"
+    with din_ops.cuda_value_checks("off"):
+        assert din_ops.get_cuda_value_checks() == "off"
+        with din_ops.cuda_value_checks("sync"):
+            assert din_ops.get_cuda_value_checks() == "sync"
+        assert din_ops.get_cuda_value_checks() == "off"
+    assert din_ops.get_cuda_value_checks() == "async"
+    with pytest.raises(ValueError, match="mode"):
+        din_ops.set_cuda_value_checks("lazy")
+    # CPU tensors are checked on the host whatever the switch says
+    with din_ops.cuda_value_checks("off"), pytest.raises(ValueError, match="lengths"):
+        din_ops.dice(torch.randn(2, 3, 4), torch.zeros(4), lengths=_t(9, 1))
+    env = dict(os.environ, DIN_OPS_CUDA_VALUE_CHECKS="off")
+    r = subprocess.run([sys.executable, "-c", "import din_ops; print(din_ops.get_cuda_value_checks())"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.stdout.strip().splitlines()[-1] == "off", r.stderr[-2000:]
+
+
 # --- the registered ops, called directly --------------------------------------------------------
 DIRECT = r'''
 import torch, din_ops

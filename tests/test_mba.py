@@ -762,10 +762,38 @@ def test_triton_empty_batch_and_range_check(device, backend):
                                    torch.empty(0, 4, device=device), f, lr=0.1, lam=0.1, optimizer="adagrad",
                                    state=st)
         assert torch.equal(w, keep)
-        with pytest.raises(RuntimeError, match="indices"):
-            ops.mba_sparse_update_(w, torch.tensor([3, 10], device=device), torch.ones(2, 4, device=device), f,
-                                   st, 0.1, 0.1, "adagrad", None, 1e-10)
-    assert torch.equal(w, keep)
+        if device == "cpu":  # CPU tensors are read on the host: an error like the C++ kernels'
+            with pytest.raises(RuntimeError, match="indices"):
+                ops.mba_sparse_update_(w, torch.tensor([3, 10], device=device), torch.ones(2, 4, device=device), f,
+                                       st, 0.1, 0.1, "adagrad", None, 1e-10)
+            assert torch.equal(w, keep)
+
+
+@pytest.mark.parametrize("device,backend", TRITON)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_triton_skips_rows_out_of_range(device, backend, optimizer, monkeypatch):
+    """What a direct op call on CUDA tensors gets (the launchers read no index on the host): rows
+    outside [0, num_embeddings) are skipped by the kernels, the others are updated exactly."""
+    from din_ops.triton import mba as tmba
+    monkeypatch.setattr(tmba, "_CHECK_CPU_VALUES", False)
+    monkeypatch.setattr(tmba, "PIECE", 4)
+    w, idx, g, f, st = make_case(12, 5, 40, torch.float32, optimizer, hot=9, device=device)
+    bad = torch.tensor([12, -1, 2**40, -2**40, 12, 13], device=device)
+    idx_bad = torch.cat([bad[:3], idx[:20], bad[3:], idx[20:]])
+    g_bad = torch.cat([torch.randn(3, 5, device=device), g[:20], torch.randn(3, 5, device=device), g[20:]])
+    kw = dict(lr=0.3, lam=0.7, optimizer=optimizer, padding_idx=1)
+    with din_ops.backend(backend):
+        ws, ss = w.clone(), None if st is None else st.clone()
+        ops.mba_sparse_update_(ws, idx_bad, g_bad, f, ss, 0.3, 0.7, optimizer, 1, 1e-10)
+        p = ops.mba_penalty(w, idx_bad, f, 0.6, 1)
+        gp = ops.mba_penalty_backward(torch.ones((), device=device), w, idx_bad, f, 0.6, 1)
+    w_ref, s_ref = run_ref(w, idx, g, f, st, **kw)
+    torch.testing.assert_close(ws, w_ref, rtol=2e-6, atol=2e-6)
+    if st is not None:
+        torch.testing.assert_close(ss, s_ref, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(p, ref.mba_penalty(w, idx, f, 0.6, 1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gp.double(), expected_penalty_grad(w.cpu(), idx.cpu(), f.cpu(), 0.6, 1).to(device),
+                               rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("device,backend", TRITON)
@@ -787,6 +815,35 @@ def test_triton_hot_rows_two_level_sum(device, backend, optimizer, D, monkeypatc
         torch.testing.assert_close(a[1], s_ref, rtol=2e-6, atol=2e-6)
         assert torch.equal(a[1], b[1])
     assert torch.equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("device,backend", TRITON)
+@pytest.mark.parametrize("piece", [2, 3, 5])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_triton_device_segmentation(device, backend, piece, optimizer, monkeypatch):
+    """The sorted batch is cut into fixed blocks of PIECE positions: runs of exactly PIECE (cold),
+    PIECE + 1 (the shortest hot run), runs starting mid-block and spanning several blocks, the
+    padding row among hot ones, and the last partial block; each seed shuffles the batch."""
+    from din_ops.triton import mba as tmba
+    monkeypatch.setattr(tmba, "PIECE", piece)
+    counts = {0: piece, 1: piece + 1, 2: 1, 3: 4 * piece + 1, 4: 2, 5: 3 * piece - 1, 7: piece + 1, 8: 1}
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.tensor([j for j, c in counts.items() for _ in range(c)])
+        idx = idx[torch.randperm(idx.numel(), generator=gen)].to(device)
+        w, _, _, f, st = make_case(10, 3, 0, torch.float32, optimizer, device=device, seed=seed)
+        g = torch.randn(idx.numel(), 3, generator=gen).to(device)
+        for pad in (None, 3):
+            kw = dict(lr=0.3, lam=0.7, optimizer=optimizer, padding_idx=pad)
+            with din_ops.backend(backend):
+                w_tr, s_tr = run_ops(w, idx, g, f, st, **kw)
+                p = din_ops.mba_penalty(w, idx, f, 0.6, pad)
+            w_ref, s_ref = run_ref(w, idx, g, f, st, **kw)
+            torch.testing.assert_close(w_tr, w_ref, rtol=2e-6, atol=2e-6)
+            if st is not None:
+                torch.testing.assert_close(s_tr, s_ref, rtol=2e-6, atol=2e-6)
+            torch.testing.assert_close(p, ref.mba_penalty(w, idx, f, 0.6, pad), rtol=1e-6, atol=1e-6)
+            assert torch.equal(w_tr[6], w[6]) and torch.equal(w_tr[9], w[9])  # absent rows
 
 
 # --- every CPU code path: run-time ISA choice, dtypes, vector-loop tails -------------------------------

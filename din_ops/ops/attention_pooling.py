@@ -351,11 +351,13 @@ def optional_lists(*lists):
 
 # --- public function ---------------------------------------------------------------------------
 def _valid_count(keys, lengths, C):
+    """Number of valid (position, candidate) pairs as a device scalar (a fill, not a host copy:
+    no synchronization)."""
     if keys.dim() == 2:
         n = keys.shape[0]
-        return torch.tensor(float(n * C), device=keys.device)
+        return torch.full((), float(n * C), device=keys.device)
     if lengths is None:
-        return torch.tensor(float(keys.shape[0] * keys.shape[1] * C), device=keys.device)
+        return torch.full((), float(keys.shape[0] * keys.shape[1] * C), device=keys.device)
     return lengths.sum().to(torch.float64) * C
 
 
@@ -415,6 +417,11 @@ def attention_pooling(
     and every parameter are cast to the autocast dtype (float64 stays float64), the op runs and
     returns that dtype and accumulates in float32; Dice running statistics stay float32.
     Gradients reach the parameters in their own dtype.
+
+    Value checks of ``lengths``/``offsets`` read CPU tensors on the host (a ValueError naming
+    the argument); on CUDA tensors they are device-side asserts with no host synchronization, or
+    skipped (:func:`din_ops.set_cuda_value_checks`), and the forward and backward read nothing
+    back, so they can be captured in a CUDA graph.
 
     Second-order gradients (a backward with ``create_graph=True``) are exact for every input,
     Dice batch statistics included: that backward differentiates the reference computation

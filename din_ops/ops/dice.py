@@ -207,8 +207,9 @@ def dice(
           the layer before it ran in bf16), with ``alpha``/``gamma``/``beta`` cast to it and the
           statistics in float32; x itself is not cast.
         * The valid-row count for the running update is computed on the device (no host
-          synchronization); the value checks of ``lengths``/``offsets`` read them on the host,
-          except under ``torch.compile``, where they are skipped.
+          synchronization). The value checks of ``lengths``/``offsets`` read CPU tensors on the
+          host; on CUDA tensors they are device-side asserts (no synchronization) or skipped, as
+          :func:`din_ops.set_cuda_value_checks` says; under ``torch.compile`` they are skipped.
         * NaN and inf propagate as in the reference (``p x + (1 - p) alpha x`` is NaN at
           ``x = +-inf``). A NaN or inf in padding never enters the statistics, so only that
           position's output is non-finite; its gradient flows like any padded output's (into

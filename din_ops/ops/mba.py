@@ -76,10 +76,16 @@ def _check_table_and_batch(weight, indices, freq, padding_idx):
         raise ValueError(f"freq must be int32, int64, float32 or float64, got {freq.dtype}")
     if tuple(freq.shape) != (N,):
         raise ValueError(f"freq must have shape [num_embeddings] = [{N}], got {tuple(freq.shape)}")
-    if freq.is_floating_point() and lib._checking_values() and indices.numel() > 0:
+    if freq.is_floating_point() and indices.numel() > 0:
         # NaN counts would turn the rows they touch into NaN; only the batch's rows are read
-        if bool(freq.index_select(0, indices).isnan().any()):
-            raise ValueError("freq holds NaN at some of the batch's indices")
+        mode = lib.value_check_mode(indices)
+        if mode == "sync":
+            if bool(freq.index_select(0, indices).isnan().any()):
+                raise ValueError("freq holds NaN at some of the batch's indices")
+        elif mode == "async":
+            # in stream order after the index range assert, so index_select sees valid indices
+            lib.assert_async(~freq.index_select(0, indices).isnan().any(),
+                             "freq holds NaN at some of the batch's indices")
     _check_padding_idx(padding_idx, N)
     return N, D
 
@@ -233,6 +239,11 @@ def mba_sparse_update_(
 
     Computation is in float32 (float64 for fp64 tables). Returns ``weight``.
 
+    The value checks of ``indices`` (range) and of float ``freq`` (NaN at the batch's rows) read
+    CPU tensors on the host (a ValueError); on CUDA tensors they are device-side asserts or
+    skipped (:func:`din_ops.set_cuda_value_checks`), and the update itself reads nothing back
+    (the batch is sorted and segmented on the device), so a step never synchronizes.
+
     The update is an optimizer step that autograd does not record (it runs under
     ``torch.no_grad()``); it bumps the version of ``weight`` and ``state``, so a graph that saved
     them before the step raises on backward instead of using the new values. Calling
@@ -257,7 +268,9 @@ def mba_penalty(weight: torch.Tensor, indices: torch.Tensor, freq: torch.Tensor,
     tensor: for large tables prefer :func:`mba_sparse_update_` (or :class:`din_ops.optim.MBASGD`).
 
     Returns a 0-dim tensor of ``weight``'s dtype (accumulated in float64). Second-order
-    gradients (a backward with ``create_graph=True``) are exact.
+    gradients (a backward with ``create_graph=True``) are exact. On CUDA tensors neither the
+    penalty nor its backward synchronizes with the host (value checks as in
+    :func:`mba_sparse_update_`).
     """
     check_mba_penalty_args(weight, indices, freq, lam, padding_idx)
     return _ops.mba_penalty(weight, indices, freq, float(lam), padding_idx)
@@ -305,8 +318,12 @@ def check_counter_state(state, num_embeddings: int):
         raise ValueError(f"counts must have shape [{num_embeddings}], got {tuple(counts.shape)}")
     if counts.device.type == "meta":
         raise ValueError("counts is on the meta device (it holds no values)")
-    if counts.numel() and int(counts.min()) < 0:
-        raise ValueError("counts must be non-negative")
+    if counts.numel():
+        mode = lib.value_check_mode(counts)
+        if mode == "sync" and int(counts.min()) < 0:
+            raise ValueError("counts must be non-negative")
+        if mode == "async":
+            lib.assert_async(counts.min() >= 0, "counts must be non-negative")
     if isinstance(total, torch.Tensor) and total.numel() == 1 and not total.is_floating_point():
         total = int(total)
     if isinstance(total, bool) or not isinstance(total, int):
@@ -322,6 +339,10 @@ class FrequencyCounter:
 
     ``padding_idx`` (if given) is never counted. Indices may have any shape (they are
     flattened); values must lie in ``[0, num_embeddings)``.
+
+    :meth:`update` does not synchronize with a CUDA device: the padding occurrences are counted
+    with weight 0 and the running :attr:`total` stays on the counts' device until it is read
+    (reading :attr:`total` or :meth:`state_dict` reads it on the host).
     """
 
     def __init__(self, num_embeddings: int, padding_idx: Optional[int] = None, device=None):
@@ -331,7 +352,21 @@ class FrequencyCounter:
         padding_idx = _check_padding_idx(padding_idx, num_embeddings)
         self.padding_idx = None if padding_idx is None else padding_idx % num_embeddings
         self.counts = torch.zeros(num_embeddings, dtype=torch.int64, device=device)
-        self.total = 0  # occurrences counted (padding excluded)
+        self._total = 0  # occurrences counted (padding excluded), read on the host
+        self._pending = None  # occurrences counted since, a device scalar (no host sync)
+
+    @property
+    def total(self) -> int:
+        """Occurrences counted (padding excluded)."""
+        if self._pending is not None:
+            self._total += int(self._pending)
+            self._pending = None
+        return self._total
+
+    @total.setter
+    def total(self, value: int) -> None:
+        self._total = value
+        self._pending = None
 
     def update(self, indices) -> "FrequencyCounter":
         """Adds the occurrences in ``indices`` (a tensor or a list/tuple of tensors). Every tensor
@@ -341,11 +376,16 @@ class FrequencyCounter:
             flat = flat.to(device=self.counts.device, dtype=torch.int64)
             if flat.numel() == 0:
                 continue
-            if self.padding_idx is not None:
-                flat = flat[flat != self.padding_idx]
+            if self.padding_idx is None:
+                self.counts.index_add_(0, flat, torch.ones_like(flat))
+                self._total += flat.numel()
+                continue
+            # the padding row is added 0 (no boolean mask: its size would need a host read);
             # index_add_ on integers: exact, whatever the order
-            self.counts.index_add_(0, flat, torch.ones_like(flat))
-            self.total += int(flat.numel())
+            weight = (flat != self.padding_idx).to(torch.int64)
+            self.counts.index_add_(0, flat, weight)
+            n = weight.sum()
+            self._pending = n if self._pending is None else self._pending + n
         return self
 
     def reset(self) -> None:

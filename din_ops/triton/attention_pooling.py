@@ -82,6 +82,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import struct
 from typing import List
 
 import torch
@@ -89,7 +91,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .._library import register_triton, triton_interpret
+from .._library import assert_async, register_triton, triton_interpret, value_check_mode
 
 _ACT = {"sigmoid": 0, "relu": 1, "identity": 2, "prelu": 3, "dice": 4}
 MAX_HIDDEN = 4
@@ -403,17 +405,15 @@ def _flush(ptr, acc, mask, ATOMIC: tl.constexpr):
 
 
 @triton.jit
-def _flush_mat(base, offtab, slot, acc, R, Cn, RP: tl.constexpr, CP: tl.constexpr, ATOMIC: tl.constexpr):
+def _flush_mat(base, off, acc, R, Cn, RP: tl.constexpr, CP: tl.constexpr, ATOMIC: tl.constexpr):
     r = tl.arange(0, RP)
     c = tl.arange(0, CP)
-    off = tl.load(offtab + slot)
     _flush(base + off + r[:, None] * Cn + c[None, :], acc, (r[:, None] < R) & (c[None, :] < Cn), ATOMIC)
 
 
 @triton.jit
-def _flush_vec(base, offtab, slot, acc, N, NP: tl.constexpr, ATOMIC: tl.constexpr):
+def _flush_vec(base, off, acc, N, NP: tl.constexpr, ATOMIC: tl.constexpr):
     r = tl.arange(0, NP)
-    off = tl.load(offtab + slot)
     _flush(base + off + r, acc, r < N, ATOMIC)
 
 
@@ -547,7 +547,9 @@ def _fwd_kernel(q_ptr, k_ptr, len_ptr, off_ptr, out_ptr, attn_ptr, sbuf_ptr,
 @triton.jit
 def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
                 q_ptr, k_ptr, len_ptr, off_ptr,
-                dq_ptr, dk_ptr, dc_ptr, part_ptr, offtab,
+                dq_ptr, dk_ptr, dc_ptr, part_ptr,
+                o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, o16, o17, o18, o19, o20,
+                o21,
                 w0, b0, w1, b1, w2, b2, w3, b3, wh, bh,
                 a0, m0, v0, g0, e0, a1, m1, v1, g1, e1, a2, m2, v2, g2, e2, a3, m3, v3, g3, e3,
                 T, C, D, H0, H1, H2, H3, HL, HH, n_cblk, n_jobs, dk_slice, P,
@@ -791,44 +793,44 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
         base = part_ptr
     else:
         base = part_ptr + pid.to(tl.int64) * P
-    _flush_mat(base, offtab, 0, dWkd, H0, D, HP0, DP, ATOMIC)
-    _flush_mat(base, offtab, 1, dWp, H0, D, HP0, DP, ATOMIC)
+    _flush_mat(base, o0, dWkd, H0, D, HP0, DP, ATOMIC)
+    _flush_mat(base, o1, dWp, H0, D, HP0, DP, ATOMIC)
     if NA >= 1:
         if MODE == 0:
-            _flush_vec(base, offtab, 5, dWh, HL, HPL, ATOMIC)
-            _flush_vec(base, offtab, 6, dBh, 1, 1, ATOMIC)
+            _flush_vec(base, o5, dWh, HL, HPL, ATOMIC)
+            _flush_vec(base, o6, dBh, 1, 1, ATOMIC)
         else:
-            _flush_mat(base, offtab, 5, dWh, HH, HL, HPH, HPL, ATOMIC)
-            _flush_vec(base, offtab, 6, dBh, HH, HPH, ATOMIC)
+            _flush_mat(base, o5, dWh, HH, HL, HPH, HPL, ATOMIC)
+            _flush_vec(base, o6, dBh, HH, HPH, ATOMIC)
         if ACT >= 3:
-            _flush_vec(base, offtab, 10, dA0, H0, HP0, ATOMIC)
+            _flush_vec(base, o10, dA0, H0, HP0, ATOMIC)
         if ACT == 4:
-            _flush_vec(base, offtab, 14, dU0, H0, HP0, ATOMIC)
-            _flush_vec(base, offtab, 18, dX0, H0, HP0, ATOMIC)
+            _flush_vec(base, o14, dU0, H0, HP0, ATOMIC)
+            _flush_vec(base, o18, dX0, H0, HP0, ATOMIC)
     if NA >= 2:
-        _flush_mat(base, offtab, 2, dW1, H1, H0, HP1, HP0, ATOMIC)
-        _flush_vec(base, offtab, 7, dB1, H1, HP1, ATOMIC)
+        _flush_mat(base, o2, dW1, H1, H0, HP1, HP0, ATOMIC)
+        _flush_vec(base, o7, dB1, H1, HP1, ATOMIC)
         if ACT >= 3:
-            _flush_vec(base, offtab, 11, dA1, H1, HP1, ATOMIC)
+            _flush_vec(base, o11, dA1, H1, HP1, ATOMIC)
         if ACT == 4:
-            _flush_vec(base, offtab, 15, dU1, H1, HP1, ATOMIC)
-            _flush_vec(base, offtab, 19, dX1, H1, HP1, ATOMIC)
+            _flush_vec(base, o15, dU1, H1, HP1, ATOMIC)
+            _flush_vec(base, o19, dX1, H1, HP1, ATOMIC)
     if NA >= 3:
-        _flush_mat(base, offtab, 3, dW2, H2, H1, HP2, HP1, ATOMIC)
-        _flush_vec(base, offtab, 8, dB2, H2, HP2, ATOMIC)
+        _flush_mat(base, o3, dW2, H2, H1, HP2, HP1, ATOMIC)
+        _flush_vec(base, o8, dB2, H2, HP2, ATOMIC)
         if ACT >= 3:
-            _flush_vec(base, offtab, 12, dA2, H2, HP2, ATOMIC)
+            _flush_vec(base, o12, dA2, H2, HP2, ATOMIC)
         if ACT == 4:
-            _flush_vec(base, offtab, 16, dU2, H2, HP2, ATOMIC)
-            _flush_vec(base, offtab, 20, dX2, H2, HP2, ATOMIC)
+            _flush_vec(base, o16, dU2, H2, HP2, ATOMIC)
+            _flush_vec(base, o20, dX2, H2, HP2, ATOMIC)
     if NA >= 4:
-        _flush_mat(base, offtab, 4, dW3, H3, H2, HP3, HP2, ATOMIC)
-        _flush_vec(base, offtab, 9, dB3, H3, HP3, ATOMIC)
+        _flush_mat(base, o4, dW3, H3, H2, HP3, HP2, ATOMIC)
+        _flush_vec(base, o9, dB3, H3, HP3, ATOMIC)
         if ACT >= 3:
-            _flush_vec(base, offtab, 13, dA3, H3, HP3, ATOMIC)
+            _flush_vec(base, o13, dA3, H3, HP3, ATOMIC)
         if ACT == 4:
-            _flush_vec(base, offtab, 17, dU3, H3, HP3, ATOMIC)
-            _flush_vec(base, offtab, 21, dX3, H3, HP3, ATOMIC)
+            _flush_vec(base, o17, dU3, H3, HP3, ATOMIC)
+            _flush_vec(base, o21, dX3, H3, HP3, ATOMIC)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -964,10 +966,18 @@ def _p2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
 
 
+def _f32(x: float) -> float:
+    """``x`` rounded to float32 (to nearest, inf past its range), on the host without torch."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
 def _split(x: float):
     """An fp32 (hi, lo) pair whose fp64 sum is ``x`` to ~2^-48 relative (kernel scalars are fp32)."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    lo = float(torch.tensor(x - hi, dtype=torch.float32))
+    hi = _f32(x)
+    lo = _f32(x - hi)
     return hi, lo
 
 
@@ -996,7 +1006,9 @@ def _deterministic(device) -> bool:
 
 
 # Value checks of lengths/offsets on CPU tensors (the interpreter), where reading them costs no
-# device sync: an error like the C++ kernels'. CUDA tensors are only clamped (_row_extent).
+# device sync: an error like the C++ kernels'. CUDA tensors are only clamped (_row_extent): the
+# launchers read nothing back from the device (no host synchronization; the grid comes from the
+# shapes), so the forward and backward can be captured in a CUDA graph.
 _CHECK_CPU_VALUES = True
 
 
@@ -1021,6 +1033,20 @@ def _check_rows(t, name, size, bound, jagged):
                            f"{bound}, got {int(t[0])} and {int(t[-1])}")
     if bool((t[1:] < t[:-1]).any()):
         raise RuntimeError("attention_pooling: offsets must be non-decreasing")
+
+
+def _check_row_lengths(off_t):
+    """Positions within a row are int32 in the kernels: with more than ``_MAX_ROW`` keys in all,
+    no row may be longer. CPU tensors (and CUDA ones under ``set_cuda_value_checks("sync")``) are
+    read on the host; otherwise a device-side assert, kept even with the value checks off since
+    it guards the kernels' memory accesses (it only runs for N > 2^31 - 2^16 keys)."""
+    msg = f"attention_pooling (Triton): a row longer than {_MAX_ROW} positions is not supported"
+    longest = (off_t[1:] - off_t[:-1]).max()
+    if off_t.device.type == "cpu" or value_check_mode(off_t) == "sync":
+        if int(longest) > _MAX_ROW:
+            raise RuntimeError("din_ops." + msg)
+    elif not torch.compiler.is_compiling():
+        assert_async(longest <= _MAX_ROW, msg)
 
 
 class _Problem:
@@ -1048,9 +1074,8 @@ class _Problem:
             _check_rows(offsets, "offsets", self.B + 1, n_pos, jagged=True)
             self.off_t = offsets.contiguous()
             typical = -(-n_pos // max(self.B, 1))
-            if n_pos > _MAX_ROW and self.B > 0 and int((self.off_t[1:] - self.off_t[:-1]).max()) > _MAX_ROW:
-                raise RuntimeError(f"din_ops.attention_pooling (Triton): a row longer than {_MAX_ROW} "
-                                   "positions is not supported")
+            if n_pos > _MAX_ROW and self.B > 0:
+                _check_row_lengths(self.off_t)
         else:
             self.T = keys.shape[1]
             if self.T > _MAX_ROW:
@@ -1199,7 +1224,9 @@ def attention_pooling(query, keys, lengths, offsets, weights, biases, act_weight
 
 
 def _grad_layout(pb, mode):
-    """Offsets of the per-program gradient row (slots as in ``_bwd_kernel``'s flush) and its length."""
+    """Offsets of the per-program gradient row (slots as in ``_bwd_kernel``'s flush) and its length.
+    The 22 offsets reach the kernel as scalar arguments (a device table would need a host-to-device
+    copy, which synchronizes and cannot be captured in a CUDA graph)."""
     H0, D = pb.dims()[3], pb.D
     h = pb.hd
     sizes = [0] * 22
@@ -1254,7 +1281,6 @@ def _backward(mode, grad_out, grad_attn, attn, grad_mean, grad_var, mean, query,
         if G == 0:
             part.zero_()
     if G > 0:
-        offtab = torch.tensor(offs, dtype=torch.int64, device=dev)
         if mode == 0:
             go = grad_out.contiguous()
             ga = grad_attn.contiguous() if grad_attn is not None else go
@@ -1265,7 +1291,7 @@ def _backward(mode, grad_out, grad_attn, attn, grad_mean, grad_var, mean, query,
             gm, gv, mn = grad_mean.contiguous(), grad_var.contiguous(), mean.contiguous()
             cnt = _valid_count(pb, lengths, acc_t)
         _launch(_bwd_kernel, G, (
-            go, ga, at, gm, gv, mn, cnt, pb.q, pb.k, pb.len_t, pb.off_t, dq, dk, dc, part, offtab,
+            go, ga, at, gm, gv, mn, cnt, pb.q, pb.k, pb.len_t, pb.off_t, dq, dk, dc, part, *offs,
             *pb.w_args, *pb.act_args, *pb.dims(), pb.HL, pb.HH, pb.n_cblk, pb.n_jobs, dk_slice, P,
             *_split(scale), *_split(eps)), dict(
             MODE=mode, LAYOUT=pb.layout, NA=n_act, ACT=pb.act, HAS_G=pb.has_g, HAS_BE=pb.has_be,
