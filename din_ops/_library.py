@@ -48,7 +48,34 @@ def register_triton(name: str):
     return deco
 
 
+def _fix_interpreter_scalar_index() -> None:
+    """Triton < 3.7's interpreter turns a kernel scalar (a 1-element array) into a Python int with
+    ``int(array)``: deprecated for arrays of one dimension since NumPy 1.25, an error in current
+    NumPy (2.4: "only 0-dimensional arrays can be converted to Python scalars"). Every loop with
+    a runtime bound, as ``range(pid, n_jobs, nprog)``, then fails under the interpreter. Triton
+    3.7 converts ``array.squeeze()``; this gives older interpreters the same conversion.
+    Compiled kernels are not affected."""
+    try:
+        import triton
+        from triton.runtime import interpreter
+    except Exception:  # pragma: no cover
+        return
+    version = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if version >= (3, 7) or patch is None or getattr(patch, "_din_ops_index_fix", False):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    _patch_lang_tensor._din_ops_index_fix = True
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
 def _load_triton():
+    if triton_interpret():
+        _fix_interpreter_scalar_index()
     from . import triton as _triton_pkg  # noqa: F401  (registers the Triton kernels)
 
 
