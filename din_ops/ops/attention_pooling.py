@@ -3,8 +3,9 @@
 The op ``din_ops::attention_pooling`` (schema in csrc/din_ops.cpp) computes, per row b and
 candidate c, scores ``s_t = scale * MLP([q, k_t, q - k_t, q * k_t])`` over the valid positions
 and ``out = sum_t w_t k_t`` with ``w = s`` or ``softmax(s)``. Kernels: csrc/cpu/attention_pooling.cpp
-(CPU) and din_ops/triton/attention_pooling.py (CUDA). This module holds the input checks, the
-fake kernels, the autograd formulas and the public function.
+(CPU) and din_ops/triton/attention_pooling.py (CUDA); the autograd node is C++ (csrc/autograd.cpp).
+This module holds the input checks, the fake kernels, the backward with ``create_graph=True``
+(through the reference) and the public function.
 
 Dice inside the unit (``activation="dice"``) in training needs batch statistics of each hidden
 layer's pre-activation over the valid positions. ``din_ops::attention_pooling_stats`` computes
