@@ -43,6 +43,40 @@ TORCH_LIBRARY(din_ops, m) {
       "Tensor[] norm_weight, Tensor[] norm_bias, str activation, float eps) -> (Tensor, "
       "Tensor, Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor[])");
 
+  // --- 4. embedding_attention_pooling -----------------------------------------------------
+  // attention_pooling with keys[p] = concat_f tables[f][ids[f][p]], never stored. tables:
+  // [E_f, D_f] (sum D_f = D); ids: one int32/int64 tensor per table, [B, T] (+ lengths) or
+  // [N] (+ offsets); padding positions of [B, T] ids are never read. Same outputs as
+  // attention_pooling. padding_idx (backward only): one per table, -1 for none.
+  m.def(
+      "embedding_attention_pooling(Tensor query, Tensor[] tables, Tensor[] ids, Tensor? lengths, "
+      "Tensor? offsets, Tensor[] weights, Tensor[] biases, Tensor[]? act_weights, "
+      "Tensor[]? norm_mean, Tensor[]? norm_var, Tensor[]? norm_weight, Tensor[]? norm_bias, "
+      "str activation, str normalization, float scale, float eps) -> (Tensor, Tensor)");
+  // Returns (grad_query, grad_indices, grad_values, then the parameter gradients as
+  // attention_pooling_backward): per table, the distinct ids of valid positions other than
+  // padding_idx in ascending order (int64 [U_f]) and their summed key gradients [U_f, D_f],
+  // a coalesced sparse gradient.
+  m.def(
+      "embedding_attention_pooling_backward(Tensor grad_out, Tensor? grad_attn, Tensor attn, "
+      "Tensor query, Tensor[] tables, Tensor[] ids, Tensor? lengths, Tensor? offsets, "
+      "int[] padding_idx, Tensor[] weights, Tensor[] biases, Tensor[] act_weights, "
+      "Tensor[] norm_mean, Tensor[] norm_var, Tensor[] norm_weight, Tensor[] norm_bias, "
+      "str activation, str normalization, float scale, float eps) -> (Tensor, Tensor[], "
+      "Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor[])");
+  m.def(
+      "embedding_attention_pooling_stats(Tensor query, Tensor[] tables, Tensor[] ids, "
+      "Tensor? lengths, Tensor? offsets, Tensor[] weights, Tensor[] biases, Tensor[]? act_weights, "
+      "Tensor[]? norm_mean, Tensor[]? norm_var, Tensor[]? norm_weight, Tensor[]? norm_bias, "
+      "str activation, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "embedding_attention_pooling_stats_backward(Tensor grad_mean, Tensor grad_var, Tensor mean, "
+      "Tensor query, Tensor[] tables, Tensor[] ids, Tensor? lengths, Tensor? offsets, "
+      "int[] padding_idx, Tensor[] weights, Tensor[] biases, Tensor[] act_weights, "
+      "Tensor[] norm_mean, Tensor[] norm_var, Tensor[] norm_weight, Tensor[] norm_bias, "
+      "str activation, float eps) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], "
+      "Tensor[], Tensor[], Tensor[], Tensor[])");
+
   // --- 2. dice ---------------------------------------------------------------------------
   // x [N, C] or [B, T, C] (+ lengths). Training: statistics over valid rows; eval: the given
   // running statistics. Returns (y, mean, var) with var biased; running statistics are

@@ -17,6 +17,8 @@ __all__ = [
     "valid_mask",
     "attention_pooling",
     "attention_pooling_stats",
+    "embedding_keys",
+    "embedding_attention_pooling",
     "dice",
     "dice_pointwise",
     "masked_moments",
@@ -281,6 +283,41 @@ def attention_pooling_stats(
         h = _activate(h, activation, i, prelu_weights, dice_state)
     mean, var, _ = masked_moments(F.linear(h, weights[L], biases[L]), mask_bct)
     return mean, var
+
+
+# --- 4. embedding attention pooling ------------------------------------------------------------
+def embedding_keys(tables, ids, *, lengths=None, offsets=None, padding_idx=None):
+    """The keys ``concat_f tables[f][ids[f]]`` that ``embedding_attention_pooling`` never stores,
+    as ``nn.Embedding(sparse=True)`` lookups (so each table's gradient is sparse).
+
+    Padded ids ``[B, T]`` may hold anything at padding positions (``t >= lengths[b]``): those
+    positions look up row 0 and their keys are zeroed, so no gradient reaches a table from them.
+    ``padding_idx``: None, one int for every table, or one entry (int or None) per table.
+    """
+    if padding_idx is None or isinstance(padding_idx, int):
+        padding_idx = [padding_idx] * len(tables)
+    mask = None
+    if offsets is None and lengths is not None:
+        mask = valid_mask(lengths, ids[0].shape[0], ids[0].shape[1], ids[0].device)
+    parts = []
+    for table, idx, pad in zip(tables, ids, padding_idx):
+        idx = idx.long()
+        if mask is not None:
+            idx = idx.masked_fill(~mask, 0)
+        e = F.embedding(idx, table, padding_idx=pad, sparse=True)
+        if mask is not None:
+            e = e * mask.unsqueeze(-1).to(e.dtype)
+        parts.append(e)
+    return torch.cat(parts, dim=-1)
+
+
+def embedding_attention_pooling(query, tables, ids, weights, biases, *, lengths=None, offsets=None,
+                                padding_idx=None, **options):
+    """``attention_pooling(query, embedding_keys(tables, ids), ...)``: section 4 as its definition
+    (an ``nn.Embedding`` gather per field, concatenated, then the local activation unit).
+    ``options`` are :func:`attention_pooling`'s."""
+    keys = embedding_keys(tables, ids, lengths=lengths, offsets=offsets, padding_idx=padding_idx)
+    return attention_pooling(query, keys, weights, biases, lengths=lengths, offsets=offsets, **options)
 
 
 # --- 3. mini-batch aware regularization ---------------------------------------------------------
