@@ -47,10 +47,11 @@ TORCH_LIBRARY(din_ops, m) {
   // attention_pooling with keys[p] = concat_f tables[f][ids[f][p]], never stored. tables:
   // [E_f, D_f] (sum D_f = D); ids: one int32/int64 tensor per table, [B, T] (+ lengths) or
   // [N] (+ offsets); padding positions of [B, T] ids are never read. Same outputs as
-  // attention_pooling. padding_idx (backward only): one per table, -1 for none.
+  // attention_pooling. padding_idx: one per table, -1 for none; the forward reads those rows
+  // like any other (nn.Embedding does), the backward gives them no gradient.
   m.def(
       "embedding_attention_pooling(Tensor query, Tensor[] tables, Tensor[] ids, Tensor? lengths, "
-      "Tensor? offsets, Tensor[] weights, Tensor[] biases, Tensor[]? act_weights, "
+      "Tensor? offsets, int[] padding_idx, Tensor[] weights, Tensor[] biases, Tensor[]? act_weights, "
       "Tensor[]? norm_mean, Tensor[]? norm_var, Tensor[]? norm_weight, Tensor[]? norm_bias, "
       "str activation, str normalization, float scale, float eps) -> (Tensor, Tensor)");
   // Returns (grad_query, grad_indices, grad_values, then the parameter gradients as
@@ -66,7 +67,8 @@ TORCH_LIBRARY(din_ops, m) {
       "Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor[])");
   m.def(
       "embedding_attention_pooling_stats(Tensor query, Tensor[] tables, Tensor[] ids, "
-      "Tensor? lengths, Tensor? offsets, Tensor[] weights, Tensor[] biases, Tensor[]? act_weights, "
+      "Tensor? lengths, Tensor? offsets, int[] padding_idx, Tensor[] weights, Tensor[] biases, "
+      "Tensor[]? act_weights, "
       "Tensor[]? norm_mean, Tensor[]? norm_var, Tensor[]? norm_weight, Tensor[]? norm_bias, "
       "str activation, float eps) -> (Tensor, Tensor)");
   m.def(

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "autograd.h"
+#include "cpu/embedding_attention_pooling.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -38,6 +39,7 @@ PYBIND11_MODULE(_C, m) {
     graph_backward_fn = new py::object(std::move(fn));
     din_ops::set_graph_backward(&call_graph_backward);
   });
+  m.def("_set_embedding_chunk_elems", &din_ops::cpu::set_embedding_chunk_elems);
   m.attr("with_cuda") =
 #ifdef DIN_OPS_WITH_CUDA
       true;

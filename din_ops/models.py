@@ -31,7 +31,7 @@ from torch import nn
 
 from . import _library as lib
 from . import reference as _ref
-from .nn import AttentionPooling, Dice
+from .nn import AttentionPooling, Dice, EmbeddingAttentionPooling
 from .ops.attention_pooling import ACTIVATIONS, NORMALIZATIONS
 
 __all__ = ["DIN", "BaseModel", "EagerAttentionPooling", "EagerDice", "BACKENDS", "distributed",
@@ -324,6 +324,12 @@ class DIN(nn.Module):
             self.attention = cls(d, hidden_units=attention_units, activation=attention_activation,
                                  normalization=attention_normalization)
         self.mlp = _MLP(embed_dim * len(user_fields) + 2 * d, mlp_units, mlp_activation, backend)
+        # din_ops: the history's lookups fused into the attention (keys never stored). Not a
+        # submodule: it shares the tables and the attention, so the state_dict is unchanged.
+        history = None
+        if backend == "din_ops" and self.attention is not None:
+            history = EmbeddingAttentionPooling((self.item_embedding, self.category_embedding), self.attention)
+        object.__setattr__(self, "_history_pooling", history)
 
     def tables(self) -> Dict[str, nn.Embedding]:
         """The embedding tables by name (``user0``, ``user1``, ..., ``item``, ``category``)."""
@@ -357,16 +363,20 @@ class DIN(nn.Module):
     def forward(self, users, items, categories, hist_items, hist_categories, lengths=None, offsets=None):
         check_din_inputs(self, users, items, categories, hist_items, hist_categories, lengths, offsets)
         query = torch.cat([self.item_embedding(items), self.category_embedding(categories)], dim=-1)  # [B, 2E]
-        keys = self._history(hist_items, hist_categories)  # [B, T, 2E] or [N, 2E]
-        if self.attention is not None:
-            interest = self.attention(query, keys, lengths=lengths, offsets=offsets)
-        elif offsets is not None:
-            seg = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=keys.device),
-                                          offsets[1:] - offsets[:-1], output_size=keys.shape[0])
-            interest = keys.new_zeros(query.shape).index_add_(0, seg, keys)
+        history = getattr(self, "_history_pooling", None)  # absent in modules pickled before it existed
+        if history is not None:
+            interest = history(query, [hist_items, hist_categories], lengths=lengths, offsets=offsets)
         else:
-            mask = _ref.valid_mask(lengths, keys.shape[0], keys.shape[1], keys.device)
-            interest = torch.bmm(mask.to(keys.dtype).unsqueeze(1), keys).squeeze(1)
+            keys = self._history(hist_items, hist_categories)  # [B, T, 2E] or [N, 2E]
+            if self.attention is not None:
+                interest = self.attention(query, keys, lengths=lengths, offsets=offsets)
+            elif offsets is not None:
+                seg = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=keys.device),
+                                              offsets[1:] - offsets[:-1], output_size=keys.shape[0])
+                interest = keys.new_zeros(query.shape).index_add_(0, seg, keys)
+            else:
+                mask = _ref.valid_mask(lengths, keys.shape[0], keys.shape[1], keys.device)
+                interest = torch.bmm(mask.to(keys.dtype).unsqueeze(1), keys).squeeze(1)
         parts = [e(users[:, i]) for i, e in enumerate(self.user_embeddings)] + [query, interest]
         return self.mlp(torch.cat(parts, dim=-1))
 

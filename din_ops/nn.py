@@ -8,8 +8,9 @@ from torch import nn
 
 from .ops.attention_pooling import attention_pooling, check_attention_pooling_config
 from .ops.dice import check_dice_config, dice
+from .ops.embedding_attention_pooling import embedding_attention_pooling
 
-__all__ = ["AttentionPooling", "Dice"]
+__all__ = ["AttentionPooling", "Dice", "EmbeddingAttentionPooling"]
 
 
 class AttentionPooling(nn.Module):
@@ -67,6 +68,13 @@ class AttentionPooling(nn.Module):
 
     def forward(self, query, keys, lengths: Optional[torch.Tensor] = None, offsets: Optional[torch.Tensor] = None,
                 return_weights: bool = False):
+        weights, biases, kwargs = self._unit()
+        return attention_pooling(
+            query, keys, weights, biases, lengths=lengths, offsets=offsets, activation=self.activation,
+            normalization=self.normalization, scale=self.scale, return_weights=return_weights, **kwargs)
+
+    def _unit(self):
+        """The unit's parameters as the functional ops take them: weights, biases, options."""
         weights, biases = self._mlp()
         kwargs = {}
         if self.prelu is not None:
@@ -83,14 +91,87 @@ class AttentionPooling(nn.Module):
                 momentum=d0.momentum if d0 is not None else 0.1,
                 eps=d0.eps if d0 is not None else 1e-8,
             )
-        return attention_pooling(
-            query, keys, weights, biases, lengths=lengths, offsets=offsets, activation=self.activation,
-            normalization=self.normalization, scale=self.scale, return_weights=return_weights, **kwargs)
+        return weights, biases, kwargs
 
     def extra_repr(self) -> str:
         hidden = [l.out_features for l in self.layers]
         return (f"embed_dim={self.embed_dim}, hidden_units={tuple(hidden)}, activation={self.activation!r}, "
                 f"normalization={self.normalization!r}, scale={self.scale}")
+
+
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward densifies the gradient: for ``nn.Embedding(sparse=False)``."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to_dense() if grad.is_sparse else grad
+
+
+class EmbeddingAttentionPooling(nn.Module):
+    """The history's embedding lookups fused into attention pooling
+    (:func:`din_ops.embedding_attention_pooling`, SPEC section 4): ids in, interest out.
+
+    Args:
+        embeddings: the ``nn.Embedding`` modules whose rows, concatenated, form a behaviour's key
+            (item, category, shop, ...). They are held by reference, not as submodules: they
+            belong to the module that owns them (usually shared with the candidate's own lookup),
+            so this module's ``state_dict``, ``.to()`` and ``parameters()`` cover the attention
+            only. Each one's ``padding_idx`` gets no gradient; ``sparse=True`` tables get a sparse
+            COO gradient (coalesced), ``sparse=False`` ones a dense gradient. ``max_norm`` and
+            ``scale_grad_by_freq`` are not supported.
+        attention: the :class:`AttentionPooling` of width ``sum(e.embedding_dim)`` (a submodule;
+            pass an existing one to share it). None builds one from ``attention_kwargs``.
+
+    ``forward(query, ids, lengths=None, offsets=None, return_weights=False)``: ``query [B, D]`` or
+    ``[B, C, D]``, ``ids`` one index tensor per embedding, padded ``[B, T]`` with ``lengths`` or
+    jagged ``[N]`` with ``offsets``. Returns what ``attention(query, keys, ...)`` returns for the
+    looked-up keys, which are never stored.
+    """
+
+    def __init__(self, embeddings: Sequence[nn.Embedding], attention: Optional[AttentionPooling] = None,
+                 **attention_kwargs):
+        super().__init__()
+        embeddings = tuple(embeddings)
+        if not embeddings:
+            raise ValueError("embeddings must hold at least one nn.Embedding")
+        for i, e in enumerate(embeddings):
+            if not isinstance(e, nn.Embedding):
+                raise TypeError(f"embeddings[{i}] must be an nn.Embedding, got {type(e).__name__}")
+            if e.max_norm is not None or e.scale_grad_by_freq:
+                raise ValueError(f"embeddings[{i}]: max_norm and scale_grad_by_freq are not supported")
+        width = sum(e.embedding_dim for e in embeddings)
+        if attention is None:
+            attention = AttentionPooling(width, **attention_kwargs)
+        elif attention_kwargs:
+            raise ValueError("pass either an AttentionPooling or its arguments, not both")
+        if not isinstance(attention, AttentionPooling):
+            raise TypeError(f"attention must be a din_ops.nn.AttentionPooling, got {type(attention).__name__}")
+        if attention.embed_dim != width:
+            raise ValueError(f"attention.embed_dim ({attention.embed_dim}) must equal the embeddings' total "
+                             f"width ({width})")
+        object.__setattr__(self, "_embeddings", embeddings)  # references, not submodules
+        self.attention = attention
+
+    @property
+    def embeddings(self):
+        return self._embeddings
+
+    def forward(self, query, ids, lengths: Optional[torch.Tensor] = None, offsets: Optional[torch.Tensor] = None,
+                return_weights: bool = False):
+        att = self.attention
+        weights, biases, kwargs = att._unit()
+        tables = [e.weight if e.sparse else _DenseGrad.apply(e.weight) for e in self._embeddings]
+        return embedding_attention_pooling(
+            query, tables, ids, weights, biases, lengths=lengths, offsets=offsets,
+            padding_idx=[e.padding_idx for e in self._embeddings], activation=att.activation,
+            normalization=att.normalization, scale=att.scale, return_weights=return_weights, **kwargs)
+
+    def extra_repr(self) -> str:
+        return "tables=" + ", ".join(f"{e.num_embeddings}x{e.embedding_dim}" for e in self._embeddings)
 
 
 class Dice(nn.Module):

@@ -290,8 +290,9 @@ def embedding_keys(tables, ids, *, lengths=None, offsets=None, padding_idx=None)
     """The keys ``concat_f tables[f][ids[f]]`` that ``embedding_attention_pooling`` never stores,
     as ``nn.Embedding(sparse=True)`` lookups (so each table's gradient is sparse).
 
-    Padded ids ``[B, T]`` may hold anything at padding positions (``t >= lengths[b]``): those
-    positions look up row 0 and their keys are zeroed, so no gradient reaches a table from them.
+    Padded ids ``[B, T]`` may hold anything at padding positions (``t >= lengths[b]``): only the
+    valid positions are looked up, and the padding keys are zeros, so a table's gradient has rows
+    for the ids of valid positions only.
     ``padding_idx``: None, one int for every table, or one entry (int or None) per table.
     """
     if padding_idx is None or isinstance(padding_idx, int):
@@ -302,12 +303,11 @@ def embedding_keys(tables, ids, *, lengths=None, offsets=None, padding_idx=None)
     parts = []
     for table, idx, pad in zip(tables, ids, padding_idx):
         idx = idx.long()
-        if mask is not None:
-            idx = idx.masked_fill(~mask, 0)
-        e = F.embedding(idx, table, padding_idx=pad, sparse=True)
-        if mask is not None:
-            e = e * mask.unsqueeze(-1).to(e.dtype)
-        parts.append(e)
+        if mask is None:
+            parts.append(F.embedding(idx, table, padding_idx=pad, sparse=True))
+            continue
+        e = F.embedding(idx[mask], table, padding_idx=pad, sparse=True)  # [N, D_f]
+        parts.append(e.new_zeros(*idx.shape, table.shape[1]).index_put((mask,), e))
     return torch.cat(parts, dim=-1)
 
 

@@ -28,6 +28,7 @@
 #include <string>
 #include <type_traits>
 
+#include "attention_pooling.h"
 #include "common.h"
 
 #ifdef DIN_OPS_MULTI_ISA
@@ -696,9 +697,6 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_cpu(
 
 // ---------------------------------------------------------------------------------------------
 // backward (shared by both heads)
-using GradTuple = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                             std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                             std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
 // Reduces the per-range buffers in range order and cuts the result into the gradient tensors.
 template <typename T>
@@ -951,6 +949,48 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_stats_op(
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_pooling_kernel(
+    const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& offsets, at::TensorList weights, at::TensorList biases,
+    at::TensorList act_weights, at::TensorList norm_mean, at::TensorList norm_var, at::TensorList norm_weight,
+    at::TensorList norm_bias, c10::string_view activation, c10::string_view normalization, double scale,
+    double eps) {
+  return attention_pooling_cpu(query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var,
+                               norm_weight, norm_bias, activation, normalization, scale, eps);
+}
+
+GradTuple attention_pooling_backward_kernel(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_attn, const at::Tensor& attn,
+    const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& offsets, at::TensorList weights, at::TensorList biases,
+    at::TensorList act_weights, at::TensorList norm_mean, at::TensorList norm_var, at::TensorList norm_weight,
+    at::TensorList norm_bias, c10::string_view activation, c10::string_view normalization, double scale,
+    double eps) {
+  return attention_pooling_backward_cpu(grad_out, grad_attn, attn, query, keys, lengths, offsets, weights, biases,
+                                        act_weights, norm_mean, norm_var, norm_weight, norm_bias, activation,
+                                        normalization, scale, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_pooling_stats_kernel(
+    const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& offsets, at::TensorList weights, at::TensorList biases,
+    at::TensorList act_weights, at::TensorList norm_mean, at::TensorList norm_var, at::TensorList norm_weight,
+    at::TensorList norm_bias, c10::string_view activation, double eps) {
+  return attention_pooling_stats_cpu(query, keys, lengths, offsets, weights, biases, act_weights, norm_mean,
+                                     norm_var, norm_weight, norm_bias, activation, eps);
+}
+
+GradTuple attention_pooling_stats_backward_kernel(
+    const at::Tensor& grad_mean, const at::Tensor& grad_var, const at::Tensor& mean, const at::Tensor& query,
+    const at::Tensor& keys, const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& offsets,
+    at::TensorList weights, at::TensorList biases, at::TensorList act_weights, at::TensorList norm_mean,
+    at::TensorList norm_var, at::TensorList norm_weight, at::TensorList norm_bias, c10::string_view activation,
+    double eps) {
+  return attention_pooling_stats_backward_cpu(grad_mean, grad_var, mean, query, keys, lengths, offsets, weights,
+                                              biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias,
+                                              activation, eps);
+}
 
 TORCH_LIBRARY_IMPL(din_ops, CPU, m) {
   m.impl("attention_pooling", &attention_pooling_op);
