@@ -125,6 +125,34 @@ def attention_pooling(query: TFloat, keys: TFloat, lengths: Optional[TInt], offs
     return out, w
 
 
+def embedding_attention_pooling(query: TFloat, tables: Sequence[TFloat], ids: Sequence[TInt],
+                                lengths: Optional[TInt], offsets: Optional[TInt], padding_idx: Sequence[int],
+                                weights: Sequence[TFloat], biases: Sequence[TFloat],
+                                act_weights: Optional[Sequence[TFloat]] = None,
+                                norm_mean: Optional[Sequence[TFloat]] = None,
+                                norm_var: Optional[Sequence[TFloat]] = None,
+                                norm_weight: Optional[Sequence[TFloat]] = None,
+                                norm_bias: Optional[Sequence[TFloat]] = None, activation: str = "sigmoid",
+                                normalization: str = "none", scale: float = 1.0, eps: float = 1e-8):
+    """``din_ops::embedding_attention_pooling``: the tables' rows gathered and concatenated into
+    keys, then :func:`attention_pooling`. Padding positions of ``[B, T]`` ids look up row 0 (they
+    may hold any id, and ``Gather`` must not go out of range) and are masked there."""
+    mask = None
+    if offsets is None and lengths is not None:
+        T = op.Shape(ids[0], start=1, end=2)
+        t = op.Range(op.Constant(value_int=0), op.Squeeze(T), op.Constant(value_int=1))  # [T]
+        mask = op.Less(op.Unsqueeze(t, _axes(op, 0)), op.Unsqueeze(op.Cast(lengths, to=7), _axes(op, 1)))
+    parts = []
+    for table, idx in zip(tables, ids):
+        idx = op.Cast(idx, to=7)
+        if mask is not None:
+            idx = op.Where(mask, idx, op.Constant(value_int=0))
+        parts.append(op.Gather(table, idx, axis=0))
+    keys = op.Concat(*parts, axis=-1) if len(parts) > 1 else parts[0]
+    return attention_pooling(query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var,
+                             norm_weight, norm_bias, activation, normalization, scale, eps)
+
+
 def dice(x: TFloat, lengths: Optional[TInt], alpha: TFloat, gamma: Optional[TFloat] = None,
          beta: Optional[TFloat] = None, running_mean: Optional[TFloat] = None,
          running_var: Optional[TFloat] = None, training: bool = False, eps: float = 1e-8):
@@ -135,4 +163,5 @@ def dice(x: TFloat, lengths: Optional[TInt], alpha: TFloat, gamma: Optional[TFlo
     return y, op.Identity(running_mean), op.Identity(running_var)
 
 
-TRANSLATIONS = {"attention_pooling": attention_pooling, "dice": dice}
+TRANSLATIONS = {"attention_pooling": attention_pooling, "embedding_attention_pooling": embedding_attention_pooling,
+                "dice": dice}

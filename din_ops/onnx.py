@@ -14,6 +14,8 @@ What is translated (inference graphs, opset 18):
   formulation: it builds the ``[B, C, T, 4D]`` concatenation the fused kernels avoid, so it is
   exact but not fast; padding is masked before it is read (NaN there stays out, as in the
   kernels); jagged rows are gathered and pooled with ``ScatterND`` additions.
+- ``din_ops::embedding_attention_pooling`` (SPEC section 4): ``Gather`` per table,
+  ``Concat``, then the graph above.
 - ``din_ops::dice`` in eval mode (running statistics).
 
 Training-only ops (Dice batch statistics, ``attention_pooling_stats``, the MBA update) have no
