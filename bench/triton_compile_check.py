@@ -33,10 +33,10 @@ or SIGINT stops it with a report of what had compiled (and exit status 1).
     python bench/triton_compile_check.py --targets sm90a --out report.md --json report.json -j 16
     python bench/triton_compile_check.py --list             # count the variants, compile nothing
 
-Time: ``--quick`` is 11 configurations, 88 variants (44 per target) and one fallback, about 180
+Time: ``--quick`` is 13 configurations, 96 variants (48 per target) and one fallback, about 180
 CPU-seconds of compilation: 100-190 s on 2 shared cores; the longest variant alone (the
 (200, 80, 40) fp32 backward) takes 30-60 s, so more cores stop helping there. The full set is
-537 configurations, about 2600 variants: several CPU-hours, for a manual run with ``-j``.
+551 configurations, about 2600 variants: several CPU-hours, for a manual run with ``-j``.
 
 Needs the built extension (``python setup.py build_ext --inplace``) and triton with its NVIDIA
 backend; works with triton 3.6 and 3.7. ``TRITON_INTERPRET`` is ignored (removed from the
