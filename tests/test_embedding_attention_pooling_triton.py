@@ -372,3 +372,48 @@ def test_ids_out_of_range_cpu():
         emb.embedding_attention_pooling(case["query"][:, :5], case["tables"], case["ids"], case["lengths"], None,
                                         case["weights"], case["biases"], None, None, None, None, None, "sigmoid",
                                         "none", 1.0, 1e-8)
+
+
+# --- host reads: none in the forward ops, one per table in the backward ---------------------------
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_host_reads(monkeypatch, layout):
+    """The CUDA code paths on CPU tensors (the CPU value checks off), under the dispatch mode of
+    test_cuda_sync that records every host read: none in the forward and statistics ops, and in
+    each backward one per table (the number of distinct ids, a boolean-mask index)."""
+    if DEVICES != ["cpu"]:
+        pytest.skip("the interpreter's check; tests/test_cuda_sync.py has the CUDA one")
+    import triton.runtime.interpreter as interp
+    from torch.utils._python_dispatch import _disable_current_modes
+    from test_cuda_sync import HostReads
+
+    call = interp.GridExecutor.__call__
+
+    def launch(self, *args, **kwargs):  # the interpreted kernel is not the launcher
+        with _disable_current_modes():
+            return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(interp.GridExecutor, "__call__", launch)
+    monkeypatch.setattr(tap, "_CHECK_CPU_VALUES", False)
+    case = make_case(B=4, T=5, widths=(2, 3, 2), E=(5, 4, 3), hidden=(4, 3), activation="dice",
+                     jagged=layout == "jagged", padding_idx=(1, -1, 0))
+    lists = _op_lists(case, "dice")
+    rows = (case["query"], case["tables"], case["ids"], case.get("lengths"), case.get("offsets"))
+    with _run(chunk_bytes=1):  # several chunks (padded)
+        spy = HostReads()
+        with spy:
+            out, attn = emb.embedding_attention_pooling(*rows, case["weights"], case["biases"], *lists, "dice",
+                                                        "softmax", 1.0, 1e-8)
+            mean, var = emb.embedding_attention_pooling_stats(*rows, case["weights"][:2], case["biases"][:2],
+                                                              *(x[:1] for x in lists), "dice", 1e-8)
+        assert not spy.found, "host reads in the forward:\n" + "\n".join(spy.found)
+        for fn, args in [
+                (emb.embedding_attention_pooling_backward,
+                 (torch.ones_like(out), None, attn, *rows, case["padding_idx"], case["weights"], case["biases"],
+                  *lists, "dice", "softmax", 1.0, 1e-8)),
+                (emb.embedding_attention_pooling_stats_backward,
+                 (torch.ones_like(mean), torch.ones_like(var), mean, *rows, case["padding_idx"], case["weights"][:2],
+                  case["biases"][:2], *(x[:1] for x in lists), "dice", 1e-8))]:
+            spy = HostReads()
+            with spy:
+                fn(*args)
+            assert len(spy.found) == 3 and all("boolean mask" in f for f in spy.found), "\n".join(spy.found)

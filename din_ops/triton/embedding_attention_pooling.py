@@ -43,7 +43,7 @@ dtype (as ``nn.Embedding(sparse=True)``'s gradient values are) and are summed pe
 
 Memory safety of direct op calls: ids of CPU tensors (the interpreter) are checked on the host (a
 RuntimeError, like the C++ kernels); on CUDA the gather clamps ids into ``[0, E_f)`` and the
-backward drops ids ``>= E_f`` (results for such inputs are unspecified; nothing is read or
+backward drops ids outside it (results for such inputs are unspecified; nothing is read or
 written out of bounds).
 """
 from __future__ import annotations
@@ -300,10 +300,10 @@ class _SparseGrads:
             first[1:] = srt[1:] != srt[:-1]
             run = torch.cumsum(first, 0) - 1
             # the data-dependent size U_f: the only host read of the backward (as in coalesce)
-            uniq = srt[first & (srt < E)]
+            uniq = srt[first & (srt < E) & (srt >= 0)]
             start = torch.searchsorted(srt, uniq)
             end = torch.searchsorted(srt, uniq, right=True)
-            self.tables.append(dict(perm=perm, start=start, end=end, run=run,
+            self.tables.append(dict(perm=perm, start=start, end=end, run=run, comp=None,
                                     gv=torch.empty((uniq.numel(), lay.widths[f]), dtype=acc_t, device=lay.device),
                                     first=True))
             self.grad_indices.append(uniq)
@@ -323,10 +323,11 @@ class _SparseGrads:
             else:
                 # the run's sorted positions whose position lies in [p0, p0 + n_pos): run * P + perm
                 # ascends (stable sort), so both ends are one searchsorted each
-                comp = st["run"] * max(self.P, 1) + st["perm"]
-                base = st["run"][st["start"]] * max(self.P, 1)
-                lo = torch.searchsorted(comp, base + p0)
-                hi = torch.searchsorted(comp, base + p0 + n_pos)
+                if st["comp"] is None:
+                    st["comp"] = st["run"] * max(self.P, 1) + st["perm"]
+                    st["base"] = st["run"][st["start"]] * max(self.P, 1)
+                lo = torch.searchsorted(st["comp"], st["base"] + p0)
+                hi = torch.searchsorted(st["comp"], st["base"] + p0 + n_pos)
             u_per = triton.cdiv(U, CONFIG.interpreter_programs) if _interpreted(dk) else 1
             BD = _block_d(lay.widths[f])
             _segsum_kernel[(triton.cdiv(U, u_per),)](
