@@ -4,7 +4,8 @@ A100) on a machine without a GPU.
 Every kernel variant the launchers in ``din_ops/triton/*.py`` launch for a set of configurations
 (activation x hidden layers x layout x dtype x candidates x normalization, Dice x layout x dtype,
 MBA optimizer x width, embedding_attention_pooling layout x dtype) is compiled with
-``triton.compile(ASTSource(...), target=GPUTarget(...))``, ptxas included (triton's bundled one), and its registers, spills and shared memory are reported.
+``triton.compile(ASTSource(...), target=GPUTarget(...))``, ptxas included (triton's bundled one),
+and its registers, spills and shared memory are reported.
 No CUDA driver is touched: ``triton.runtime.driver`` is never asked for a device.
 
 How the variants are found: the launchers run on CPU tensors with ``JITFunction.run``

@@ -231,6 +231,17 @@ def test_chunks(device, lengths):
     check(case, "softmax", chunk_bytes=1)
     case = make_case(B=5, T=3, C=2, activation="sigmoid", lengths=lengths, device=device, seed=3)
     check(case, "none", chunk_bytes=2 * 3 * 7 * 8)  # two rows per chunk, the last one short
+    case = make_case(B=3, T=4, activation="dice", lengths=lengths, dtype=torch.bfloat16, device=device, seed=4)
+    check(case, "softmax", chunk_bytes=1)  # half-precision parameter gradients summed over chunks
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hot_ids(device):
+    # ~45 occurrences per id of table 0: more than one lane block (BK = 32) per id; in chunks too
+    case = make_case(B=3, T=30, E=(2, 3), hidden=(4,), activation="sigmoid", lengths="full", padding_idx=(-1, -1),
+                     device=device)
+    check(case, "softmax")
+    check(case, "none", chunk_bytes=2 * 30 * 7 * 8)
 
 
 @pytest.mark.parametrize("device", DEVICES)
