@@ -3,8 +3,9 @@ A100) on a machine without a GPU.
 
 Every kernel variant the launchers in ``din_ops/triton/*.py`` launch for a set of configurations
 (activation x hidden layers x layout x dtype x candidates x normalization, Dice x layout x dtype,
-MBA optimizer x width) is compiled with ``triton.compile(ASTSource(...), target=GPUTarget(...))``,
-ptxas included (triton's bundled one), and its registers, spills and shared memory are reported.
+MBA optimizer x width, embedding_attention_pooling layout x dtype) is compiled with
+``triton.compile(ASTSource(...), target=GPUTarget(...))``, ptxas included (triton's bundled one),
+and its registers, spills and shared memory are reported.
 No CUDA driver is touched: ``triton.runtime.driver`` is never asked for a device.
 
 How the variants are found: the launchers run on CPU tensors with ``JITFunction.run``
@@ -33,10 +34,10 @@ or SIGINT stops it with a report of what had compiled (and exit status 1).
     python bench/triton_compile_check.py --targets sm90a --out report.md --json report.json -j 16
     python bench/triton_compile_check.py --list             # count the variants, compile nothing
 
-Time: ``--quick`` is 11 configurations, 88 variants (44 per target) and one fallback, about 180
+Time: ``--quick`` is 13 configurations, 96 variants (48 per target) and one fallback, about 180
 CPU-seconds of compilation: 100-190 s on 2 shared cores; the longest variant alone (the
 (200, 80, 40) fp32 backward) takes 30-60 s, so more cores stop helping there. The full set is
-537 configurations, about 2600 variants: several CPU-hours, for a manual run with ``-j``.
+551 configurations, about 2600 variants: several CPU-hours, for a manual run with ``-j``.
 
 Needs the built extension (``python setup.py build_ext --inplace``) and triton with its NVIDIA
 backend; works with triton 3.6 and 3.7. ``TRITON_INTERPRET`` is ignored (removed from the
@@ -159,6 +160,25 @@ class MBACase:
         return f"mba {self.optimizer} {self.dtype} D={self.D}{' hot' if self.hot else ''}"
 
 
+@dataclasses.dataclass(frozen=True)
+class EmbCase:
+    """One embedding_attention_pooling configuration (two tables of width D/2, hidden (80, 40)):
+    forward and backward (Dice: the statistics ops too). Its attention variants are those of the
+    APCase with the same axes; new here are the gather and the per-id sum of key gradients."""
+    layout: str  # padded, lengths, jagged
+    dtype: str
+    C: int
+    activation: str = "sigmoid"
+    normalization: str = "none"
+    D: int = 32
+    T: int = 100
+    B: int = 64
+
+    @property
+    def label(self):
+        return f"emb {self.activation} {self.layout} {self.dtype} C={self.C} {self.normalization}"
+
+
 ACTIVATIONS = ("sigmoid", "relu", "identity", "prelu", "dice")
 DTYPES = ("fp32", "fp16", "bf16")
 LAYOUTS = ("padded", "lengths", "jagged")
@@ -190,6 +210,9 @@ def full_cases() -> List[Any]:
         cases.append(DiceCase("flat", dt, 80, train=False))
     for opt, dt, D in itertools.product(("sgd", "adagrad", "adagrad_rowwise"), DTYPES, (16, 64, 2048)):
         cases.append(MBACase(opt, dt, D, hot=D != 64))
+    for layout, dt in itertools.product(LAYOUTS, DTYPES):
+        cases.append(EmbCase(layout, dt, 1))
+    cases.append(EmbCase("lengths", "fp32", 4, "dice", "softmax"))
     return cases + [c for c in quick_cases() if c not in cases]
 
 
@@ -213,6 +236,8 @@ def quick_cases() -> List[Any]:
         MBACase("adagrad", "fp32", 16),
         MBACase("adagrad_rowwise", "bf16", 2048),
         MBACase("sgd", "fp16", 64, hot=False),
+        EmbCase("lengths", "fp32", 1),  # the attention variants of the DIN default case
+        EmbCase("jagged", "bf16", 32, "identity", "softmax"),
     ]
 
 
@@ -232,10 +257,12 @@ def _as_on_cuda(target: Target):
     import torch
     from din_ops.triton import attention_pooling as tap
     from din_ops.triton import dice as tdice
+    from din_ops.triton import embedding_attention_pooling as temb
     from din_ops.triton import mba as tmba
     cuda = torch.device("cuda")
     saved = [(tap, "_types", tap._types), (tap, "_deterministic", tap._deterministic),
              (tdice, "triton_interpret", tdice.triton_interpret), (tmba, "_interpreted", tmba._interpreted),
+             (temb, "_interpreted", temb._interpreted),
              (tap, "_FALLBACK", tap._FALLBACK), (tap, "_num_programs", tap._num_programs)]
     types = tap._types
     tap._types = lambda dtype, device, backward: types(dtype, cuda, backward)
@@ -243,6 +270,7 @@ def _as_on_cuda(target: Target):
     tap._deterministic = lambda device: torch.are_deterministic_algorithms_enabled()
     tdice.triton_interpret = lambda: False
     tmba._interpreted = lambda t: False
+    temb._interpreted = lambda t: False
     tap._FALLBACK = {}  # fallbacks found for one target must not leak into another
     try:
         yield
@@ -368,8 +396,47 @@ def _run_mba(case: MBACase):
     tmba.mba_penalty_backward_triton(torch.ones((), dtype=dt), weight, idx, freq, 1e-4, 0)
 
 
+def _run_emb(case: EmbCase):
+    import torch
+    from din_ops.triton import embedding_attention_pooling as temb
+    g = torch.Generator().manual_seed(0)
+    dt = _torch_dtype(case.dtype)
+    B, T, D, C = case.B, case.T, case.D, case.C
+    q = _rand(*((B, D) if C == 1 else (B, C, D)), dtype=dt, gen=g)
+    tables = [_rand(1000, D // 2, dtype=dt, gen=g), _rand(50, D - D // 2, dtype=dt, gen=g)]
+    lengths = offsets = None
+    if case.layout == "jagged":
+        lens = torch.randint(1, 2 * T, (B,), generator=g)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+        ids = [torch.randint(0, t.shape[0], (int(offsets[-1]),), generator=g) for t in tables]
+    else:
+        ids = [torch.randint(0, t.shape[0], (B, T), generator=g) for t in tables]
+        if case.layout == "lengths":
+            lengths = torch.randint(0, T + 1, (B,), generator=g)
+    dims = [4 * D, 80, 40, 1]
+    weights = [_rand(dims[i + 1], dims[i], dtype=dt, gen=g) for i in range(3)]
+    biases = [_rand(dims[i + 1], dtype=dt, gen=g) for i in range(3)]
+    dice = case.activation == "dice"
+    act_w = [torch.full((h,), 0.25, dtype=dt) for h in (80, 40)] if case.activation in ("prelu", "dice") else []
+    mean = [torch.zeros(h) for h in (80, 40)] if dice else []
+    var = [torch.ones(h) for h in (80, 40)] if dice else []
+    rows = (q, tables, ids, lengths, offsets)
+    lists = (act_w, mean, var, [], [])
+    pad = [0, -1]
+    if dice:
+        temb.embedding_attention_pooling_stats(*rows, weights[:2], biases[:2], act_w[:1], mean[:1], var[:1], [], [],
+                                               case.activation, 1e-8)
+        temb.embedding_attention_pooling_stats_backward(torch.ones(40), torch.ones(40), torch.zeros(40), *rows, pad,
+                                                        weights[:2], biases[:2], act_w[:1], mean[:1], var[:1], [], [],
+                                                        case.activation, 1e-8)
+    out, attn = temb.embedding_attention_pooling(*rows, weights, biases, *lists, case.activation, case.normalization,
+                                                 1.0, 1e-8)
+    temb.embedding_attention_pooling_backward(torch.ones_like(out), None, attn, *rows, pad, weights, biases, *lists,
+                                              case.activation, case.normalization, 1.0, 1e-8)
+
+
 def run_case(case):
-    {APCase: _run_ap, DiceCase: _run_dice, MBACase: _run_mba}[type(case)](case)
+    {APCase: _run_ap, DiceCase: _run_dice, MBACase: _run_mba, EmbCase: _run_emb}[type(case)](case)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ ATTENTION = {"_fwd_kernel", "_bwd_kernel", "_stats_kernel", "_finish_kernel"}
 DICE = {"_stats_kernel", "_stats_combine_kernel", "_transform_kernel", "_bwd_reduce_kernel", "_sum_parts_kernel",
         "_bwd_dx_kernel"}
 MBA = {"_mba_update_kernel", "_mba_pieces_kernel", "_mba_penalty_rows_kernel", "_mba_penalty_backward_kernel"}
+EMB = {"_gather_kernel", "_segsum_kernel"}
 
 
 def test_quick_subset_covers_the_axes():
@@ -54,6 +55,8 @@ def test_quick_subset_covers_the_axes():
     mba = [c for c in quick if isinstance(c, cc.MBACase)]
     assert {c.optimizer for c in mba} == {"sgd", "adagrad", "adagrad_rowwise"}
     assert {c.hot for c in mba} == {True, False}
+    emb = [c for c in quick if isinstance(c, cc.EmbCase)]
+    assert {c.layout for c in emb} >= {"lengths", "jagged"} and {c.dtype for c in emb} >= {"fp32", "bf16"}
     assert len({c.label for c in quick}) == len(quick)
     assert set(quick) <= set(cc.full_cases())
 
@@ -77,7 +80,7 @@ def test_quick_compile_check(tmp_path):
     assert set(limits) == {"sm90a", "sm80"}
     for target, limit in limits.items():
         rows = [r for r in report["rows"] if r["target"] == target]
-        assert {r["kernel"] for r in rows} == ATTENTION | DICE | MBA, target
+        assert {r["kernel"] for r in rows} == ATTENTION | DICE | MBA | EMB, target
         for r in rows:
             what = f"{target} {r['kernel']} ({r['case']}: {r['variant']})"
             assert r["status"] in ("ok", "over limit, fell back"), f"{what}: {r['status']} {r['error']}"
