@@ -424,13 +424,13 @@ def _run_emb(case: EmbCase):
     lists = (act_w, mean, var, [], [])
     pad = [0, -1]
     if dice:
-        temb.embedding_attention_pooling_stats(*rows, weights[:2], biases[:2], act_w[:1], mean[:1], var[:1], [], [],
-                                               case.activation, 1e-8)
+        temb.embedding_attention_pooling_stats(*rows, pad, weights[:2], biases[:2], act_w[:1], mean[:1], var[:1], [],
+                                               [], case.activation, 1e-8)
         temb.embedding_attention_pooling_stats_backward(torch.ones(40), torch.ones(40), torch.zeros(40), *rows, pad,
                                                         weights[:2], biases[:2], act_w[:1], mean[:1], var[:1], [], [],
                                                         case.activation, 1e-8)
-    out, attn = temb.embedding_attention_pooling(*rows, weights, biases, *lists, case.activation, case.normalization,
-                                                 1.0, 1e-8)
+    out, attn = temb.embedding_attention_pooling(*rows, pad, weights, biases, *lists, case.activation,
+                                                 case.normalization, 1.0, 1e-8)
     temb.embedding_attention_pooling_backward(torch.ones_like(out), None, attn, *rows, pad, weights, biases, *lists,
                                               case.activation, case.normalization, 1.0, 1e-8)
 

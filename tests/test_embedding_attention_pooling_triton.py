@@ -183,8 +183,8 @@ def check(case, normalization="none", scale=0.7, **cfg):
     lists = _op_lists(case, act)
     with _run(**cfg):
         out, attn = emb.embedding_attention_pooling(
-            case["query"], case["tables"], case["ids"], lengths, offsets, case["weights"], case["biases"],
-            *(x or None for x in lists), act, normalization, scale, 1e-8)
+            case["query"], case["tables"], case["ids"], lengths, offsets, case["padding_idx"], case["weights"],
+            case["biases"], *(x or None for x in lists), act, normalization, scale, 1e-8)
         res = emb.embedding_attention_pooling_backward(
             go, ga, attn, case["query"], case["tables"], case["ids"], lengths, offsets, case["padding_idx"],
             case["weights"], case["biases"], *lists, act, normalization, scale, 1e-8)
@@ -298,8 +298,8 @@ def test_deterministic(device):
     lists = _op_lists(case, "sigmoid")
     args = (case["query"], case["tables"], case["ids"], None, None)
     with _run():
-        out, attn = emb.embedding_attention_pooling(*args, case["weights"], case["biases"], None, None, None, None,
-                                                    None, "sigmoid", "softmax", 1.0, 1e-8)
+        out, attn = emb.embedding_attention_pooling(*args, case["padding_idx"], case["weights"], case["biases"], None,
+                                                    None, None, None, None, "sigmoid", "softmax", 1.0, 1e-8)
         go = torch.randn_like(out)
         runs = [emb.embedding_attention_pooling_backward(go, None, attn, *args, case["padding_idx"], case["weights"],
                                                          case["biases"], *lists, "sigmoid", "softmax", 1.0, 1e-8)
@@ -328,8 +328,8 @@ def check_stats(case, L, **cfg):
     lists = [case.get(k, [])[:L] for k in ("act", "mean", "var", "gamma", "beta")]
     with _run(**cfg):
         mean, var = emb.embedding_attention_pooling_stats(
-            case["query"], case["tables"], case["ids"], lengths, offsets, case["weights"][:L + 1],
-            case["biases"][:L + 1], *(x or None for x in lists), act, 1e-8)
+            case["query"], case["tables"], case["ids"], lengths, offsets, case["padding_idx"],
+            case["weights"][:L + 1], case["biases"][:L + 1], *(x or None for x in lists), act, 1e-8)
         res = emb.embedding_attention_pooling_stats_backward(
             gm, gvv, mean, case["query"], case["tables"], case["ids"], lengths, offsets, case["padding_idx"],
             case["weights"][:L + 1], case["biases"][:L + 1], *lists, act, 1e-8)
@@ -377,12 +377,12 @@ def test_ids_out_of_range_cpu():
     case["ids"][1][0, 0] = 5  # table 1 has 5 rows
     with pytest.raises(RuntimeError, match=r"ids\[1\]"):
         emb.embedding_attention_pooling(case["query"], case["tables"], case["ids"], case["lengths"], None,
-                                        case["weights"], case["biases"], None, None, None, None, None, "sigmoid",
-                                        "none", 1.0, 1e-8)
+                                        case["padding_idx"], case["weights"], case["biases"], None, None, None,
+                                        None, None, "sigmoid", "none", 1.0, 1e-8)
     with pytest.raises(RuntimeError, match="sum D_f"):
         emb.embedding_attention_pooling(case["query"][:, :5], case["tables"], case["ids"], case["lengths"], None,
-                                        case["weights"], case["biases"], None, None, None, None, None, "sigmoid",
-                                        "none", 1.0, 1e-8)
+                                        case["padding_idx"], case["weights"], case["biases"], None, None, None,
+                                        None, None, "sigmoid", "none", 1.0, 1e-8)
 
 
 # --- host reads: none in the forward ops, one per table in the backward ---------------------------
@@ -412,10 +412,11 @@ def test_host_reads(monkeypatch, layout):
     with _run(chunk_bytes=1):  # several chunks (padded)
         spy = HostReads()
         with spy:
-            out, attn = emb.embedding_attention_pooling(*rows, case["weights"], case["biases"], *lists, "dice",
-                                                        "softmax", 1.0, 1e-8)
-            mean, var = emb.embedding_attention_pooling_stats(*rows, case["weights"][:2], case["biases"][:2],
-                                                              *(x[:1] for x in lists), "dice", 1e-8)
+            out, attn = emb.embedding_attention_pooling(*rows, case["padding_idx"], case["weights"], case["biases"],
+                                                        *lists, "dice", "softmax", 1.0, 1e-8)
+            mean, var = emb.embedding_attention_pooling_stats(*rows, case["padding_idx"], case["weights"][:2],
+                                                              case["biases"][:2], *(x[:1] for x in lists), "dice",
+                                                              1e-8)
         assert not spy.found, "host reads in the forward:\n" + "\n".join(spy.found)
         for fn, args in [
                 (emb.embedding_attention_pooling_backward,

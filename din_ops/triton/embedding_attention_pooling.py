@@ -360,8 +360,8 @@ def _sum_lists(acc, part):
 # the ops
 # ------------------------------------------------------------------------------------------------
 @register_triton("embedding_attention_pooling")
-def embedding_attention_pooling(query, tables, ids, lengths, offsets, weights, biases, act_weights, norm_mean,
-                                norm_var, norm_weight, norm_bias, activation, normalization, scale, eps):
+def embedding_attention_pooling(query, tables, ids, lengths, offsets, padding_idx, weights, biases, act_weights,
+                                norm_mean, norm_var, norm_weight, norm_bias, activation, normalization, scale, eps):
     """The forward: ``(out, attn)`` of ``attention_pooling`` on the gathered keys, chunk by chunk
     (see the module docstring: padded ids in chunks of rows, jagged ids in one chunk). No host
     synchronization."""
@@ -442,8 +442,8 @@ def embedding_attention_pooling_backward(grad_out, grad_attn, attn, query, table
 
 
 @register_triton("embedding_attention_pooling_stats")
-def embedding_attention_pooling_stats(query, tables, ids, lengths, offsets, weights, biases, act_weights, norm_mean,
-                                      norm_var, norm_weight, norm_bias, activation, eps):
+def embedding_attention_pooling_stats(query, tables, ids, lengths, offsets, padding_idx, weights, biases,
+                                      act_weights, norm_mean, norm_var, norm_weight, norm_bias, activation, eps):
     """Mean and biased variance over the valid pairs of a hidden layer's pre-activation, as
     ``attention_pooling_stats`` on the gathered keys. Several chunks are merged in float64 with
     Chan's formula; a batch of one valid pair gives var -0.0, as ``attention_pooling_stats``.
