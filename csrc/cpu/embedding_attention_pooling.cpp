@@ -138,6 +138,13 @@ std::vector<int64_t> chunk_bounds(const Batch& b) {
   return bounds;
 }
 
+// Rows per parallel task: some 16K positions, so that small batches stay on one thread (a
+// parallel region costs more than copying a few thousand rows).
+int64_t row_grain(const Batch& b) {
+  const int64_t per_row = b.B > 0 ? std::max<int64_t>(1, (b.jagged ? b.P / b.B : b.T)) : 1;
+  return std::max<int64_t>(1, (int64_t(1) << 14) / per_row);
+}
+
 // A chunk of rows [r0, r1): its gathered keys and its lengths/offsets.
 struct Chunk {
   int64_t r0, r1, p0, p1;  // rows; positions [p0, p1) of the whole batch
@@ -154,7 +161,7 @@ Chunk gather(const Batch& b, int64_t r0, int64_t r1) {
   c.keys = b.jagged ? at::empty({c.p1 - c.p0, b.D}, opts) : at::empty({nb, b.T, b.D}, opts);
   const int64_t es = c.keys.element_size(), D = b.D;
   char* out = static_cast<char*>(c.keys.data_ptr());
-  at::parallel_for(r0, r1, 16, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(r0, r1, row_grain(b), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t n = b.len[r];
       char* row = out + (b.start[r] - c.p0) * D * es;
@@ -268,27 +275,30 @@ std::tuple<at::Tensor, at::Tensor> stats_op(
 // ---------------------------------------------------------------------------------------------
 // backward: per table, the distinct ids and where each position's id went
 
+// Buffers are tensors (PyTorch's allocator) so that memory profiles see them.
 struct Distinct {
-  at::Tensor ids;            // int64 [U], ascending
-  std::vector<int32_t> inv;  // per position of the batch: index into ids, -1 for none
+  at::Tensor ids;  // int64 [U], ascending
+  at::Tensor inv;  // int32 [P]: per position of the batch, the index into ids, -1 for none
 };
 
 Distinct distinct_ids(const Batch& b, size_t f, int64_t padding_idx) {
   const int64_t E = b.tables[f].size(0);
   const int64_t* id = b.ids[f].data_ptr<int64_t>();
   Distinct d;
-  d.inv.assign(b.P, -1);
+  d.inv = at::full({b.P}, -1, at::kInt);
+  int32_t* inv = d.inv.data_ptr<int32_t>();
   int64_t nvalid = 0;
   for (int64_t r = 0; r < b.B; ++r) nvalid += b.len[r];
   auto each_valid = [&](auto&& fn) {
-    at::parallel_for(0, b.B, 64, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, b.B, row_grain(b), [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r)
         for (int64_t t = 0; t < b.len[r]; ++t) fn(b.start[r] + t);
     });
   };
   if (E <= 8 * nvalid + 4096) {
     // a table not much larger than the batch: mark the ids present, number them in order
-    std::vector<int32_t> slot(E, 0);
+    at::Tensor slot_t = at::zeros({E}, at::kInt);
+    int32_t* slot = slot_t.data_ptr<int32_t>();
     for (int64_t r = 0; r < b.B; ++r)
       for (int64_t t = 0; t < b.len[r]; ++t) slot[id[b.start[r] + t]] = 1;
     if (padding_idx >= 0 && padding_idx < E) slot[padding_idx] = 0;
@@ -298,25 +308,26 @@ Distinct distinct_ids(const Batch& b, size_t f, int64_t padding_idx) {
     int64_t* out = d.ids.data_ptr<int64_t>();
     for (int64_t e = 0; e < E; ++e)
       if (slot[e] >= 0) out[slot[e]] = e;
-    each_valid([&](int64_t p) { d.inv[p] = slot[id[p]]; });
+    each_valid([&](int64_t p) { inv[p] = slot[id[p]]; });
     return d;
   }
   // a large table: sort the batch's ids
-  std::vector<int64_t> v;
-  v.reserve(nvalid);
+  at::Tensor v_t = at::empty({nvalid}, at::kLong);
+  int64_t* v = v_t.data_ptr<int64_t>();
+  int64_t n = 0;
   for (int64_t r = 0; r < b.B; ++r)
     for (int64_t t = 0; t < b.len[r]; ++t) {
       const int64_t x = id[b.start[r] + t];
-      if (x != padding_idx) v.push_back(x);
+      if (x != padding_idx) v[n++] = x;
     }
-  std::sort(v.begin(), v.end());
-  v.erase(std::unique(v.begin(), v.end()), v.end());
-  d.ids = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
-  std::copy(v.begin(), v.end(), d.ids.data_ptr<int64_t>());
+  std::sort(v, v + n);
+  n = std::unique(v, v + n) - v;
+  d.ids = v_t.narrow(0, 0, n).clone();
+  const int64_t* u = d.ids.data_ptr<int64_t>();
   each_valid([&](int64_t p) {
     const int64_t x = id[p];
     if (x == padding_idx) return;
-    d.inv[p] = static_cast<int32_t>(std::lower_bound(v.begin(), v.end(), x) - v.begin());
+    inv[p] = static_cast<int32_t>(std::lower_bound(u, u + n, x) - u);
   });
   return d;
 }
@@ -331,14 +342,18 @@ void add_key_grads(const Batch& b, const Chunk& c, size_t f, const Distinct& d, 
   const int64_t D = b.D, w = b.width[f], col = b.col[f];
   const T* g = gk.data_ptr<T>();
   T* val = values.data_ptr<T>();
-  const int64_t parts = std::min<int64_t>(at::get_num_threads(), U);
+  const int32_t* inv = d.inv.data_ptr<int32_t>();
+  int64_t n = 0;
+  for (int64_t r = c.r0; r < c.r1; ++r) n += b.len[r];
+  // one part per 64K elements at most: small chunks stay on one thread
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), U, n * w >> 16}));
   at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t part = lo; part < hi; ++part) {
       const int64_t u0 = U * part / parts, u1 = U * (part + 1) / parts;
       for (int64_t r = c.r0; r < c.r1; ++r) {
         const int64_t local = b.start[r] - c.p0;
         for (int64_t t = 0; t < b.len[r]; ++t) {
-          const int64_t u = d.inv[b.start[r] + t];
+          const int64_t u = inv[b.start[r] + t];
           if (u < u0 || u >= u1) continue;
           const T* __restrict src = g + (local + t) * D + col;
           T* __restrict dst = val + u * w;

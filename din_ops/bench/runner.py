@@ -34,12 +34,13 @@ import din_ops
 
 from . import attention_pooling as _attention
 from . import dice as _dice
+from . import embedding_attention_pooling as _embedding
 from . import mba as _mba
 from .common import DTYPE_NAMES, DTYPES, OpBench, Timer, tolerance, use_tf32_on_cuda
 from .machine import Machine, calibrate, device_name, keep_freed_memory
 from .memory import peak_bytes
 
-BENCHES: Dict[str, OpBench] = {b.name: b for b in (_attention.BENCH, _dice.BENCH, _mba.BENCH)}
+BENCHES: Dict[str, OpBench] = {b.name: b for b in (_attention.BENCH, _dice.BENCH, _mba.BENCH, _embedding.BENCH)}
 
 HEADLINE = dict(B=2048, T=100, D=36, hidden=(80, 40))
 T_VALUES = (10, 50, 100, 500, 1000)
@@ -117,6 +118,15 @@ HEADLINE_SHAPES = [("headline", _shape(**HEADLINE, dtypes=("fp32",))),
 # minute or more on 2 cores: eager's fwd+bwd is seconds a step); the sweep preset has every point
 DEFAULT_SWEEP = ((2048, 10), (2048, 500), (256, 10), (256, 100), (256, 1000))
 
+# embedding_attention_pooling against the lookups + attention_pooling pair: the shape
+# (B=2048, T=1000 full, two fields of 18), the headline, and a small batch
+EMBEDDING_SHAPES = [("embedding", _shape(2048, 1000, min_len=1000, ops=("embedding_attention_pooling",),
+                                         modes=SWEEP_MODES, dtypes=("fp32",))),
+                    ("embedding", _shape(2048, 100, ops=("embedding_attention_pooling",), modes=SWEEP_MODES,
+                                         dtypes=("fp32",))),
+                    ("embedding", _shape(256, 50, ops=("embedding_attention_pooling",), modes=SWEEP_MODES,
+                                         dtypes=("fp32",)))]
+
 PRESETS: Dict[str, Preset] = {
     "tiny": Preset(
         shapes=[("T", _shape(32, 10, 8, (16, 8), E=5000, dtypes=("fp32",))),
@@ -158,8 +168,13 @@ PRESETS: Dict[str, Preset] = {
             "and fwd+bwd, fp32, and bf16 at B=2048; every point kept, B=2048 x T=1000 included (eager "
             "fwd+bwd: seconds per step, GBs), so a measurement is 3 runs at least, 0.2 s otherwise; no "
             "peak memory"),
+    "embedding": Preset(
+        shapes=EMBEDDING_SHAPES, budget_s=0.3, min_reps=3, max_reps=30, memory_tags=("embedding",),
+        doc="embedding_attention_pooling (ids in) against nn.Embedding(sparse=True) lookups + "
+            "attention_pooling and eager: B=2048 x T=1000 (full histories), B=2048 x T=100, B=256 x T=50, "
+            "two fields of 18, E=1M, inference and fwd+bwd with peak memory, fp32"),
     "full": Preset(
-        shapes=HEADLINE_SHAPES + MBA_STEP
+        shapes=HEADLINE_SHAPES + MBA_STEP + EMBEDDING_SHAPES
         + [_serving(C, T) for T in SERVING_T for C in SERVING_C]
         + [_sweep(B, T) for B in reversed(SWEEP_B) for T in SWEEP_T]
         + [_sweep(2048, T, dtypes=("bf16",)) for T in SWEEP_T]
@@ -287,6 +302,7 @@ class Runner:
                                   for n in ("none", "softmax")],
             "dice": [dict(B=37, T=23, D=7, hidden=(11,))],
             "mba_update": [dict(B=37, T=23, D=7, E=300)],
+            "embedding_attention_pooling": [dict(B=37, T=23, D=7, hidden=(9, 5), E=300)],
         }
         self.log(f"self-check against din_ops/reference.py ({DTYPE_NAMES[dtype]}, tolerance "
                  f"{tolerance(dtype, self.device):.0e} relative):")
