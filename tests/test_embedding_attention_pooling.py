@@ -279,8 +279,18 @@ def _op_args(case, jagged=False):
 @pytest.mark.parametrize("jagged", LAYOUTS)
 def test_opcheck(jagged):
     case = _make(B=3, T=4, hidden=(3,))
-    torch.library.opcheck(torch.ops.din_ops.embedding_attention_pooling.default, _op_args(case, jagged),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.din_ops.embedding_attention_pooling.default, _op_args(case, jagged))
+
+
+@pytest.mark.parametrize("jagged", LAYOUTS)
+def test_opcheck_stats(jagged):
+    case = _make(B=3, T=4, hidden=(3, 2), act="dice")
+    q, tables, ids, lengths, offsets, pads, weights, biases = _op_args(case, jagged)[:8]
+    alpha = [a.detach().requires_grad_() for a in case["kw"]["dice_alpha"]]
+    mean, var = [case["kw"]["dice_running_mean"][0]], [case["kw"]["dice_running_var"][0]]
+    args = (q, tables, ids, lengths, offsets, pads, weights[:2], biases[:2], alpha[:1], mean, var, None, None,
+            "dice", 1e-8)
+    torch.library.opcheck(torch.ops.din_ops.embedding_attention_pooling_stats.default, args)
 
 
 def test_compile_fullgraph_matches_eager():

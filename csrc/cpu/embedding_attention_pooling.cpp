@@ -295,8 +295,10 @@ Distinct distinct_ids(const Batch& b, size_t f, int64_t padding_idx) {
         for (int64_t t = 0; t < b.len[r]; ++t) fn(b.start[r] + t);
     });
   };
-  if (E <= 8 * nvalid + 4096) {
-    // a table not much larger than the batch: mark the ids present, number them in order
+  // Marking the ids present in an [E] array and numbering them in order costs a few passes
+  // over 4E bytes; sorting costs N log N. The array wins up to tables of some 16M rows (and
+  // beyond, for batches not much smaller than the table).
+  if (E <= std::max<int64_t>(int64_t(1) << 24, 32 * nvalid)) {
     at::Tensor slot_t = at::zeros({E}, at::kInt);
     int32_t* slot = slot_t.data_ptr<int32_t>();
     for (int64_t r = 0; r < b.B; ++r)

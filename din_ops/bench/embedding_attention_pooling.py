@@ -11,9 +11,14 @@ them) looked up from tables of ``E`` rows, then the attention unit and pooling:
 - ``din_ops``: ``din_ops.embedding_attention_pooling``: the keys are never stored, and the
   tables' sparse gradients come out coalesced.
 
-``fwd+bwd`` computes the gradients of the query, both tables (sparse) and the MLP. Ids are
-uniform over the table, so most are distinct at E = 1M; padding positions hold id 0
-(``padding_idx``), as DIN histories do.
+``fwd+bwd`` computes the gradients of the query, both tables (sparse) and the MLP. Padding
+positions hold id 0 (``padding_idx``), as DIN histories do. Ids (``dist``):
+
+- ``zipf`` (default): item ids Zipf(1.05)-distributed over ``E`` rows, the MBA benchmark's
+  distribution (a few hot items occur thousands of times), category ids Zipf over ``E / 1000``
+  rows (DIN's datasets have some 1000x fewer categories than items).
+- ``uniform``: both fields uniform over ``E`` rows: at E = 1M nearly every id of a 2M-position
+  batch is distinct, the worst case for a coalesced gradient (one row per distinct id).
 """
 from __future__ import annotations
 
@@ -28,12 +33,13 @@ from din_ops import reference as R
 
 from . import attention_pooling as _attention
 from .common import OpBench, compile_fn, rel_err, tolerance, upcast
+from .mba import zipf_indices
 
 
 @dataclasses.dataclass
 class Case:
     query: torch.Tensor          # [B, D]
-    tables: List[torch.Tensor]   # two [E, D/2]
+    tables: List[torch.Tensor]   # item [E, D/2], category [E or E/1000, D/2]
     ids: List[torch.Tensor]      # two [B, T] int64, 0 at padding positions
     lengths: torch.Tensor        # [B]
     weights: List[torch.Tensor]
@@ -41,6 +47,7 @@ class Case:
     activation: str = "sigmoid"
     normalization: str = "none"
     grad_out: Optional[torch.Tensor] = None
+    dist: str = "zipf"
 
     @property
     def dtype(self):
@@ -50,7 +57,7 @@ class Case:
     def shape(self):
         B, T = self.ids[0].shape
         return dict(B=B, T=T, D=self.query.shape[1], E=self.tables[0].shape[0],
-                    H="x".join(str(w.shape[0]) for w in self.weights[:-1]))
+                    H="x".join(str(w.shape[0]) for w in self.weights[:-1]), dist=self.dist)
 
     def params(self) -> List[torch.Tensor]:
         return [self.query, *self.tables, *self.weights, *self.biases]
@@ -61,7 +68,7 @@ class Case:
 
 
 def make_case(B=2048, T=100, D=36, hidden=(80, 40), E=1_000_000, dtype=torch.float32, device="cpu", min_len=1,
-              seed=0, requires_grad=True) -> Case:
+              seed=0, requires_grad=True, dist="zipf") -> Case:
     g = torch.Generator().manual_seed(seed)
     dims = [4 * D, *hidden, 1]
     half = D // 2
@@ -71,15 +78,19 @@ def make_case(B=2048, T=100, D=36, hidden=(80, 40), E=1_000_000, dtype=torch.flo
 
     lengths = torch.randint(min(min_len, T), T + 1, (B,), generator=g)
     pad = torch.arange(T) >= lengths.unsqueeze(1)
+    rows = (E, E) if dist == "uniform" else (E, max(E // 1000, 2))
     ids = []
-    for _ in range(2):
-        i = torch.randint(1, E, (B, T), generator=g)
+    for n in rows:
+        if dist == "uniform":
+            i = torch.randint(1, n, (B, T), generator=g)
+        else:
+            i = 1 + zipf_indices(B * T, n - 1, g).view(B, T)
         i[pad] = 0
         ids.append(i.to(device))
-    case = Case(query=t(B, D), tables=[t(E, half, s=0.1), t(E, D - half, s=0.1)], ids=ids,
+    case = Case(query=t(B, D), tables=[t(rows[0], half, s=0.1), t(rows[1], D - half, s=0.1)], ids=ids,
                 lengths=lengths.to(device),
                 weights=[t(dims[i + 1], dims[i], s=dims[i] ** -0.5) for i in range(len(dims) - 1)],
-                biases=[t(dims[i + 1], s=0.1) for i in range(len(dims) - 1)])
+                biases=[t(dims[i + 1], s=0.1) for i in range(len(dims) - 1)], dist=dist)
     case.grad_out = torch.randn(B, D, generator=g).to(device=device, dtype=dtype)
     return case
 
@@ -130,12 +141,12 @@ class EmbeddingAttentionBench(OpBench):
 
     def case_key(self, shape):
         return (shape["B"], shape["T"], shape["D"], tuple(shape["hidden"]), shape.get("E", 1_000_000),
-                shape.get("min_len", 1))
+                shape.get("min_len", 1), shape.get("dist", "zipf"))
 
     def make_case(self, shape, dtype, device, seed=0):
         return make_case(B=shape["B"], T=shape["T"], D=shape["D"], hidden=tuple(shape["hidden"]),
                          E=shape.get("E", 1_000_000), min_len=shape.get("min_len", 1), dtype=dtype, device=device,
-                         seed=seed)
+                         seed=seed, dist=shape.get("dist", "zipf"))
 
     def shape_dict(self, c):
         s = c.shape
@@ -143,7 +154,8 @@ class EmbeddingAttentionBench(OpBench):
 
     def shape_str(self, c):
         s = c.shape
-        return f"B={s['B']} T={s['T']} D={s['D']} (2 fields) E={s['E']} H={s['H']}"
+        full = " full" if s["T"] > 1 and bool((c.lengths == s["T"]).all()) else ""
+        return f"B={s['B']} T={s['T']}{full} D={s['D']} (2 fields) E={s['E']} {s['dist']} ids H={s['H']}"
 
     def inputs(self, c):
         return c.params()

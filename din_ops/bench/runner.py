@@ -122,6 +122,8 @@ DEFAULT_SWEEP = ((2048, 10), (2048, 500), (256, 10), (256, 100), (256, 1000))
 # (B=2048, T=1000 full, two fields of 18), the headline, and a small batch
 EMBEDDING_SHAPES = [("embedding", _shape(2048, 1000, min_len=1000, ops=("embedding_attention_pooling",),
                                          modes=SWEEP_MODES, dtypes=("fp32",))),
+                    ("embedding", dict(_shape(2048, 1000, min_len=1000, ops=("embedding_attention_pooling",),
+                                              modes=SWEEP_MODES, dtypes=("fp32",)), dist="uniform")),
                     ("embedding", _shape(2048, 100, ops=("embedding_attention_pooling",), modes=SWEEP_MODES,
                                          dtypes=("fp32",))),
                     ("embedding", _shape(256, 50, ops=("embedding_attention_pooling",), modes=SWEEP_MODES,
@@ -171,8 +173,9 @@ PRESETS: Dict[str, Preset] = {
     "embedding": Preset(
         shapes=EMBEDDING_SHAPES, budget_s=0.3, min_reps=3, max_reps=30, memory_tags=("embedding",),
         doc="embedding_attention_pooling (ids in) against nn.Embedding(sparse=True) lookups + "
-            "attention_pooling and eager: B=2048 x T=1000 (full histories), B=2048 x T=100, B=256 x T=50, "
-            "two fields of 18, E=1M, inference and fwd+bwd with peak memory, fp32"),
+            "attention_pooling and eager: B=2048 x T=1000 (full histories; Zipf ids, and uniform ids, the "
+            "worst case), B=2048 x T=100, B=256 x T=50, two fields of 18, E=1M, inference and fwd+bwd with "
+            "peak memory, fp32"),
     "full": Preset(
         shapes=HEADLINE_SHAPES + MBA_STEP + EMBEDDING_SHAPES
         + [_serving(C, T) for T in SERVING_T for C in SERVING_C]
