@@ -300,8 +300,10 @@ def embedding_attention_pooling(
     Gradients: query, MLP, PReLU and Dice parameters as in :func:`din_ops.attention_pooling`;
     each table gets a sparse COO gradient, coalesced, with one row per distinct id present at
     valid positions (``padding_idx`` excluded), equal to ``nn.Embedding(sparse=True)`` +
-    ``attention_pooling`` after ``coalesce()``. With several sparse contributions (a table also
-    used for the candidate's own lookup) autograd adds them; :mod:`din_ops.optim` sums duplicates.
+    ``attention_pooling`` after ``coalesce()``. Autograd's accumulation into a leaf's ``.grad``
+    rebuilds sparse tensors without the coalesced flag (the rows stay distinct and sorted), and
+    with several sparse contributions (a table also used for the candidate's own lookup) it
+    concatenates them; :mod:`din_ops.optim` sums duplicates either way.
     For a table whose optimizer needs a dense gradient, ``.to_dense()`` it, or use
     :class:`din_ops.nn.EmbeddingAttentionPooling` with ``nn.Embedding(sparse=False)``.
 
