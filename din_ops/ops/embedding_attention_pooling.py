@@ -4,7 +4,7 @@
 ``attention_pooling(query, keys, ...)`` with ``keys[p] = concat_f tables[f][ids[f][p]]``, and
 never stores those keys. Kernels: csrc/cpu/embedding_attention_pooling.cpp (CPU) and
 din_ops/triton/embedding_attention_pooling.py (CUDA). This module holds the input checks, the
-fake kernels, the autograd formulas and the public function.
+fake kernels and the public function; the autograd node is C++ (csrc/autograd.cpp).
 
 The backward gives each table a sparse COO gradient, coalesced: one row per distinct id of the
 valid positions (``padding_idx`` rows excluded), the sum of that id's key gradients, as
@@ -162,81 +162,9 @@ def _stats_backward_fake(grad_mean, grad_var, mean, query, tables, ids, lengths,
 
 
 # --- autograd --------------------------------------------------------------------------------
-# Inputs of the forward ops: query, tables, ids, lengths, offsets, padding_idx, weights, biases,
-# act_weights, norm_mean, norm_var, norm_weight, norm_bias, then options.
-def _save(ctx, inputs, extra):
-    query, tables, ids, lengths, offsets, padding_idx, weights, biases, *rest = inputs
-    lists = [tables, ids, weights, biases] + [x if x is not None else [] for x in rest[:5]]
-    ctx.sizes = [len(x) for x in lists]
-    ctx.given = [x is not None for x in rest[:5]]
-    ctx.padding_idx = list(padding_idx)
-    ctx.options = rest[5:]
-    ctx.table_shapes = [tuple(t.shape) for t in tables]
-    ctx.save_for_backward(query, lengths, offsets, *extra, *(t for x in lists for t in x))
-
-
-def _restore(ctx, n_extra):
-    saved = ctx.saved_tensors
-    query, lengths, offsets = saved[:3]
-    extra = saved[3:3 + n_extra]
-    flat, lists, at = saved[3 + n_extra:], [], 0
-    for n in ctx.sizes:
-        lists.append(list(flat[at:at + n]))
-        at += n
-    return query, lengths, offsets, extra, lists
-
-
-def _no_double_backward(name):
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            f"din_ops::{name}: second-order gradients are not supported (backward with create_graph=True); "
-            "gather the keys with nn.Embedding and use din_ops.attention_pooling, whose higher derivatives are exact")
-
-
-def _grads(ctx, result):
-    gq, g_idx, g_val, gW, gb, ga, gm, gv, gw, gbeta = result
-    table_grads = [torch.sparse_coo_tensor(i.unsqueeze(0), v, shape, is_coalesced=True, check_invariants=False)
-                   for i, v, shape in zip(g_idx, g_val, ctx.table_shapes)]
-    opt = [g if given else None for g, given in zip((ga, gm, gv, gw, gbeta), ctx.given)]
-    return (gq, table_grads, [None] * len(table_grads), None, None, None, gW, gb, *opt) + (None,) * len(ctx.options)
-
-
-def _forward_setup(ctx, inputs, output):
-    _save(ctx, inputs, (output[1],))
-
-
-def _forward_backward(ctx, grad_out, grad_attn):
-    _no_double_backward("embedding_attention_pooling")
-    query, lengths, offsets, (attn,), lists = _restore(ctx, 1)
-    tables, ids, weights, biases, act, nm, nv, nw, nb = lists
-    activation, normalization, scale, eps = ctx.options
-    with lib.below_autograd():
-        result = _ops.embedding_attention_pooling_backward(
-            grad_out, grad_attn, attn, query, tables, ids, lengths, offsets, ctx.padding_idx, weights, biases,
-            act, nm, nv, nw, nb, activation, normalization, scale, eps)
-    return _grads(ctx, result)
-
-
-def _stats_setup(ctx, inputs, output):
-    _save(ctx, inputs, (output[0],))
-
-
-def _stats_backward(ctx, grad_mean, grad_var):
-    _no_double_backward("embedding_attention_pooling_stats")
-    query, lengths, offsets, (mean,), lists = _restore(ctx, 1)
-    tables, ids, weights, biases, act, nm, nv, nw, nb = lists
-    activation, eps = ctx.options
-    with lib.below_autograd():
-        result = _ops.embedding_attention_pooling_stats_backward(
-            grad_mean, grad_var, mean, query, tables, ids, lengths, offsets, ctx.padding_idx, weights, biases,
-            act, nm, nv, nw, nb, activation, eps)
-    return _grads(ctx, result)
-
-
-torch.library.register_autograd("din_ops::embedding_attention_pooling", _forward_backward,
-                                setup_context=_forward_setup)
-torch.library.register_autograd("din_ops::embedding_attention_pooling_stats", _stats_backward,
-                                setup_context=_stats_setup)
+# The autograd kernels are C++ (csrc/autograd.cpp): the node calls the fused backward op and
+# builds each table's sparse gradient from its distinct ids and rows; a backward with
+# create_graph=True raises a RuntimeError naming the op.
 lib.register_not_differentiable("embedding_attention_pooling_backward")
 lib.register_not_differentiable("embedding_attention_pooling_stats_backward")
 
