@@ -1,0 +1,425 @@
+"""DIN on TorchRec: model-parallel embedding tables, din_ops' fused attention on their jagged output.
+
+    import din_ops.compat.torchrec as trec
+
+    model = trec.TorchRecDIN(num_items, num_categories, user_fields=(943, 2, 7, 21))
+    # or trec.TorchRecDIN.from_din(din): the same network with a din_ops.models.DIN's weights
+    kjt = trec.features(users, items, categories, hist_items, hist_categories, lengths=lengths)
+    logits = model(kjt)                                        # [B, C]
+
+    dmp = trec.shard(model, "row_wise", optimizer="rowwise_adagrad", lr=0.1)  # under torchrun
+    mba = trec.MBA(model, lam=0.01, frequencies=trec.frequencies(model, batches))
+    logits, penalty = dmp(kjt, mba=mba)
+    (loss + penalty).backward()       # the fused optimizer updates the tables in the backward
+
+Requires ``pip install --no-deps -r requirements-torchrec.txt`` (torchrec 1.8.0 with
+fbgemm-gpu-cpu 1.8.0); nothing else in din_ops imports this module.
+
+**The tables.** One ``torchrec.EmbeddingCollection`` holds every table of
+:class:`din_ops.models.DIN`, each ``num + 1`` rows of width ``embed_dim`` (row 0 is the padding
+id, as in DIN): ``user0``, ``user1``, ... (feature ``user{i}``, one id per user), ``item``
+(features ``item``, the candidates, and ``hist_item``, the history) and ``category`` (features
+``category`` and ``hist_category``). The candidate and the history share their tables, as in the
+paper. A sequence ``EmbeddingCollection`` (not an ``EmbeddingBagCollection``) is used for every
+table: its output for the history is the ``JaggedTensor`` that goes, values ``[N, 2E]`` and offsets
+``[B + 1]``, straight into :func:`din_ops.attention_pooling`'s jagged layout, no padding anywhere.
+
+**C candidates per user.** The ``item`` and ``category`` features hold C ids per user (the same C
+for every user of the batch); the attention reads each user's history once for all C
+(``query [B, C, 2E]``) and the logits are ``[B, C]``. With C = 1 this is DIN's ``forward``; with
+C > 1 it equals ``DIN.forward`` on the user's row repeated C times.
+
+**MBA with sharded tables** (:class:`MBA`). The mini-batch aware regularizer (paper eq. 2.4) is a
+penalty added to the loss, taken on the rows the batch looked up:
+``(lam / 2) * sum_j ||w_j||^2 / max(n_j, 1)`` over the distinct ids j of the (global) batch,
+each once, the padding id excluded. Its gradient ``lam / max(n_j, 1) * w_j`` reaches each row
+through the lookup's own backward, so it works with TorchRec's fused optimizers (FBGEMM TBE: the
+optimizer runs inside the backward and never shows a gradient) as well as with any optimizer on
+unfused tables, and equals :class:`din_ops.optim.MBASGD` / :class:`din_ops.optim.MBAAdagrad`
+(tests/test_torchrec.py). Under several processes the distinct ids of every process are
+all-gathered (a few int64 per id, per table) and an id seen by several processes is counted by
+the lowest rank only; the frequencies ``n`` are kept replicated on every process (int64 per row:
+8 bytes against ``4 * embed_dim`` for the row itself), given (:func:`frequencies`) or counted on
+the fly from the global batches.
+
+**Sharding** (:func:`shard`). ``DistributedModelParallel`` with the ``fused`` compute kernel
+(FBGEMM TBE with the optimizer in the backward: SGD, Adagrad or row-wise Adagrad, all "exact":
+the rows of duplicate ids are summed before the update), ``row_wise`` (every table split in
+contiguous row blocks over the processes) or ``table_wise`` (whole tables, placed greedily on the
+process with the fewest rows so far). The MLPs are data parallel (DDP, averaged gradients); they
+train with any torch optimizer over :func:`dense_parameters`. TorchRec divides the gradients of the
+embedding all-to-all by the world size (``torchrec.distributed.comm_ops.get_gradient_division``),
+so each process' loss is the mean over its own examples and the training equals one process on
+the global batch. fbgemm-gpu-cpu 1.8.0's ``dense`` kernel returns pooled rows for sequence tables
+on CPU (so ``DistributedModelParallel`` fails in the output all-to-all): on CPU the unfused path
+is the unsharded ``EmbeddingCollection`` (``nn.Embedding`` tables, any optimizer).
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import reference as _ref
+from ..models import DIN, _MLP, check_din_config
+from ..nn import AttentionPooling, Dice
+from ..ops.attention_pooling import ACTIVATIONS, NORMALIZATIONS
+
+import torchrec
+from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJaggedTensor
+
+__all__ = ["TorchRecDIN", "MBA", "features", "frequencies", "shard", "sharding_plan", "dense_parameters",
+           "table_bytes", "SHARDINGS", "OPTIMIZERS"]
+
+SHARDINGS = ("row_wise", "table_wise")
+OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+PADDING_IDX = 0
+
+
+def _user_keys(num_fields: int) -> List[str]:
+    return [f"user{i}" for i in range(num_fields)]
+
+
+def feature_keys(num_user_fields: int) -> List[str]:
+    """The keys of the model's ``KeyedJaggedTensor``, in order."""
+    return _user_keys(num_user_fields) + ["item", "category", "hist_item", "hist_category"]
+
+
+def features(users: torch.Tensor, items: torch.Tensor, categories: torch.Tensor, hist_items: torch.Tensor,
+             hist_categories: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+             offsets: Optional[torch.Tensor] = None) -> KeyedJaggedTensor:
+    """A ``KeyedJaggedTensor`` of :class:`TorchRecDIN`'s features from :class:`din_ops.models.DIN`'s
+    inputs: ``users [B, F]``, candidates ``items``/``categories`` ``[B]`` (or ``[B, C]``), the history
+    padded ``[B, T]`` with ``lengths [B]`` (None: all T valid) or jagged ``[N]`` with ``offsets [B + 1]``.
+    Only the valid history positions are kept (key order: :func:`feature_keys`)."""
+    B = items.shape[0]
+    items, categories = items.reshape(B, -1), categories.reshape(B, -1)
+    if items.shape != categories.shape:
+        raise ValueError(f"categories must have the shape of items {tuple(items.shape)}, got {tuple(categories.shape)}")
+    C = items.shape[1]
+    if offsets is not None:
+        hist_len = offsets[1:] - offsets[:-1]
+        hi, hc = hist_items.reshape(-1), hist_categories.reshape(-1)
+    else:
+        T = hist_items.shape[1]
+        hist_len = torch.full((B,), T, dtype=torch.int64) if lengths is None else lengths.to(torch.int64)
+        mask = _ref.valid_mask(hist_len, B, T, hist_items.device)
+        hi, hc = hist_items[mask], hist_categories[mask]
+    F = users.shape[1] if users.dim() == 2 else 0
+    ones = torch.ones(B, dtype=torch.int64)
+    cand = torch.full((B,), C, dtype=torch.int64)
+    values = [users[:, i] for i in range(F)] + [items.reshape(-1), categories.reshape(-1), hi, hc]
+    lens = [ones] * F + [cand, cand, hist_len.to(torch.int64), hist_len.to(torch.int64)]
+    return KeyedJaggedTensor.from_lengths_sync(keys=feature_keys(F), values=torch.cat([v.to(torch.int64) for v in values]),
+                                               lengths=torch.cat(lens))
+
+
+def _table_features(num_user_fields: int) -> Dict[str, List[str]]:
+    out = {k: [k] for k in _user_keys(num_user_fields)}
+    out["item"] = ["item", "hist_item"]
+    out["category"] = ["category", "hist_category"]
+    return out
+
+
+class TorchRecDIN(nn.Module):
+    """:class:`din_ops.models.DIN` with its tables in one ``torchrec.EmbeddingCollection``.
+
+    Arguments as :class:`din_ops.models.DIN` (``backend="din_ops"``, attention pooling). Under the
+    same seed it draws the same initial parameters as ``DIN`` (each table ``N(0, init_std^2)``,
+    row 0 zero, then the attention unit and the MLP); :meth:`from_din` copies a ``DIN``'s weights.
+
+    ``forward(features, mba=None)``: ``features`` is a ``KeyedJaggedTensor`` with the keys of
+    :func:`feature_keys` (:func:`features` builds one): one id per user for each ``user{i}``, C ids
+    per user for ``item`` and ``category``, the history for ``hist_item`` and ``hist_category``
+    (the same lengths). Returns logits ``[B, C]``; with an :class:`MBA`, ``(logits, penalty)``.
+    The penalty is taken inside ``forward`` so that ``DistributedModelParallel`` (which wraps the
+    model in DDP) sees one forward per step.
+    """
+
+    def __init__(self, num_items: int, num_categories: int, user_fields: Sequence[int] = (), *, embed_dim: int = 16,
+                 attention_units: Sequence[int] = (80, 40), attention_activation: str = "sigmoid",
+                 attention_normalization: str = "none", mlp_units: Sequence[int] = (200, 80),
+                 mlp_activation: str = "prelu", init_std: float = 0.05, device: Optional[torch.device] = None):
+        super().__init__()
+        check_din_config(num_items, num_categories, user_fields, embed_dim, attention_units, mlp_units, init_std)
+        if attention_activation not in ACTIVATIONS:
+            raise ValueError(f"attention_activation must be one of {ACTIVATIONS}, got {attention_activation!r}")
+        if attention_normalization not in NORMALIZATIONS:
+            raise ValueError(f"attention_normalization must be one of {NORMALIZATIONS}, "
+                             f"got {attention_normalization!r}")
+        self.embed_dim = embed_dim
+        self.num_user_fields = len(user_fields)
+        self.config = dict(num_items=num_items, num_categories=num_categories, user_fields=tuple(user_fields),
+                           embed_dim=embed_dim, attention_units=tuple(attention_units),
+                           attention_activation=attention_activation,
+                           attention_normalization=attention_normalization, mlp_units=tuple(mlp_units),
+                           mlp_activation=mlp_activation, init_std=init_std)
+
+        def init(w):  # DIN's tables: N(0, init_std^2), padding row 0
+            with torch.no_grad():
+                w.normal_(0.0, init_std)
+                w[PADDING_IDX].zero_()
+
+        sizes = dict(zip(_user_keys(len(user_fields)), user_fields), item=num_items, category=num_categories)
+        tables = [EmbeddingConfig(name=name, num_embeddings=sizes[name] + 1, embedding_dim=embed_dim,
+                                  feature_names=feats, init_fn=init)
+                  for name, feats in _table_features(len(user_fields)).items()]
+        # the tables draw in DIN's order (users, item, category), then the unit, then the MLP
+        self.embeddings = EmbeddingCollection(tables=tables, device=device)
+        d = 2 * embed_dim
+        self.attention = AttentionPooling(d, hidden_units=attention_units, activation=attention_activation,
+                                          normalization=attention_normalization, device=device)
+        self.mlp = _MLP(embed_dim * len(user_fields) + 2 * d, mlp_units, mlp_activation, "din_ops")
+        if device is not None:
+            self.mlp.to(device)
+
+    @classmethod
+    def from_din(cls, din: DIN, **kwargs) -> "TorchRecDIN":
+        """The same network as ``din`` (attention pooling, ``backend="din_ops"``), its weights copied."""
+        if din.attention is None:
+            raise ValueError("from_din needs a DIN with attention pooling (BaseModel's sum pooling is not built)")
+        att = din.attention
+        mlp = din.mlp
+        first = mlp.acts[0] if len(mlp.acts) else None
+        act = "dice" if isinstance(first, Dice) else "relu" if isinstance(first, nn.ReLU) else "prelu"
+        tables = din.tables()
+        user_fields = [tables[k].num_embeddings - 1 for k in _user_keys(len(din.user_embeddings))]
+        model = cls(tables["item"].num_embeddings - 1, tables["category"].num_embeddings - 1, user_fields,
+                    embed_dim=din.embed_dim, attention_units=[l.out_features for l in att.layers],
+                    attention_activation=att.activation, attention_normalization=att.normalization,
+                    mlp_units=[l.out_features for l in mlp.layers], mlp_activation=act, **kwargs)
+        model.load_din_state_(din)
+        return model
+
+    @torch.no_grad()
+    def load_din_state_(self, din: DIN) -> "TorchRecDIN":
+        """Copies ``din``'s tables, attention unit and MLP into this (unsharded) model."""
+        for name, emb in din.tables().items():
+            self.embeddings.embeddings[name].weight.copy_(emb.weight)
+        self.attention.load_state_dict(din.attention.state_dict())
+        self.mlp.load_state_dict(din.mlp.state_dict())
+        return self
+
+    def table_features(self) -> Dict[str, List[str]]:
+        """``{table: [feature keys]}`` (the candidate and history features share a table)."""
+        return _table_features(self.num_user_fields)
+
+    def forward(self, features: KeyedJaggedTensor, mba: Optional["MBA"] = None):
+        emb = self.embeddings(features)
+        if hasattr(emb, "wait"):  # DistributedModelParallel: the output all-to-all's awaitable
+            emb = emb.wait()
+        B = features.stride()
+        cand = emb["item"].values()
+        C = cand.shape[0] // B if B else 0
+        if cand.shape[0] != B * C or emb["category"].values().shape[0] != B * C:
+            raise ValueError("every user of a batch needs the same number C of candidate items and categories")
+        query = torch.cat([cand, emb["category"].values()], dim=-1).view(B, C, 2 * self.embed_dim)
+        hist = emb["hist_item"]
+        hist_cat = emb["hist_category"].values()
+        if hist_cat.shape[0] != hist.values().shape[0]:
+            raise ValueError("hist_item and hist_category must have the same lengths")
+        keys = torch.cat([hist.values(), hist_cat], dim=-1)  # [N, 2E], jagged as it came
+        interest = self.attention(query, keys, offsets=hist.offsets())  # [B, C, 2E]
+        users = [emb[k].values() for k in _user_keys(self.num_user_fields)]  # [B, E] each
+        parts = [u.unsqueeze(1).expand(B, C, self.embed_dim) for u in users] + [query, interest]
+        x = torch.cat(parts, dim=-1).view(B * C, -1)  # PReLU and Dice take [N, H]
+        logits = self.mlp(x).view(B, C)
+        if mba is None:
+            return logits
+        return logits, mba.penalty(features, emb)
+
+
+# --- MBA ---------------------------------------------------------------------------------------------
+def frequencies(model: TorchRecDIN, batches: Iterable[KeyedJaggedTensor]) -> Dict[str, torch.Tensor]:
+    """``{table: n}``: occurrences of each id in ``batches`` (``KeyedJaggedTensor``s of the whole
+    training set), int64 ``[num_embeddings]``, the padding id not counted. Equal to
+    :meth:`din_ops.models.DIN.frequencies` on the same data."""
+    sizes = {c.name: c.num_embeddings for c in model.embeddings.embedding_configs()}
+    counts = {t: torch.zeros(n, dtype=torch.int64) for t, n in sizes.items()}
+    for kjt in batches:
+        for t, feats in model.table_features().items():
+            ids = torch.cat([kjt[f].values() for f in feats]).to(torch.int64)
+            counts[t] += torch.bincount(ids, minlength=sizes[t])[:sizes[t]]
+    for c in counts.values():
+        c[PADDING_IDX] = 0
+    return counts
+
+
+class MBA:
+    """Mini-batch aware regularization (paper eq. 2.4) of :class:`TorchRecDIN`'s tables, as a penalty
+    on the looked-up rows: pass it to the model's ``forward`` and add the penalty to the loss.
+
+    Args:
+        model: the (unsharded) model, for its tables and their features.
+        lam: the regularization strength lambda.
+        frequencies: ``{table: n [num_embeddings]}`` counts over the training set (:func:`frequencies`),
+            replicated on every process. Tables left out are counted on the fly: each batch's
+            occurrences (of every process) are added before its penalty is taken, as
+            :mod:`din_ops.optim` counts online.
+        process_group: the processes that share the global batch (default: the world, when
+            ``torch.distributed`` is initialized).
+
+    The penalty is ``(lam / 2) * sum_j ||w_j||^2 / max(n_j, 1)`` over the distinct ids j of the
+    global batch (each once, the padding id 0 left out), on the rows looked up for j. Under ``W > 1``
+    processes, each process' share is the ids it saw that no lower rank saw, times ``W`` when
+    TorchRec divides the embedding gradients by the world size (its default), so the rows' gradient
+    summed over processes is ``lam / max(n_j, 1) * w_j`` and the processes' losses add up to the
+    single-process loss ``mean(bce) + penalty`` times ``W``.
+    """
+
+    def __init__(self, model: TorchRecDIN, lam: float, frequencies: Optional[Mapping[str, torch.Tensor]] = None,
+                 process_group=None):
+        from ..ops.mba import _check_number
+
+        self.lam = _check_number(lam, "lam")
+        self.tables = model.table_features()
+        sizes = {c.name: c.num_embeddings for c in model.embeddings.embedding_configs()}
+        frequencies = dict(frequencies or {})
+        unknown = set(frequencies) - set(sizes)
+        if unknown:
+            raise ValueError(f"frequencies has tables the model does not: {sorted(unknown)}")
+        self.counts: Dict[str, torch.Tensor] = {}
+        self.online = set()
+        for t, n in sizes.items():
+            if t in frequencies:
+                f = frequencies[t]
+                if not isinstance(f, torch.Tensor) or tuple(f.shape) != (n,):
+                    raise ValueError(f"frequencies[{t!r}] must be a tensor of shape [{n}]")
+                self.counts[t] = f.to(torch.int64)
+            else:
+                self.counts[t] = torch.zeros(n, dtype=torch.int64)
+                self.online.add(t)
+        self.process_group = process_group
+
+    def _world(self) -> Tuple[int, int]:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1, 0
+        return dist.get_world_size(self.process_group), dist.get_rank(self.process_group)
+
+    def _gather(self, t: torch.Tensor, world: int) -> List[torch.Tensor]:
+        """Every process' 1-D int64 tensor (sizes differ)."""
+        n = torch.tensor([t.numel()], dtype=torch.int64)
+        sizes = [torch.zeros_like(n) for _ in range(world)]
+        dist.all_gather(sizes, n, group=self.process_group)
+        sizes = [int(s) for s in sizes]
+        pad = t.new_zeros(max(sizes))
+        pad[:t.numel()] = t
+        out = [torch.empty_like(pad) for _ in range(world)]
+        dist.all_gather(out, pad, group=self.process_group)
+        return [o[:s] for o, s in zip(out, sizes)]
+
+    def penalty(self, features: KeyedJaggedTensor, embeddings: Mapping[str, JaggedTensor]) -> torch.Tensor:
+        """This process' penalty term for the batch ``features`` whose looked-up rows are ``embeddings``."""
+        world, rank = self._world()
+        scale = world if world > 1 and torchrec.distributed.comm_ops.get_gradient_division() else 1
+        total = None
+        for table, feats in self.tables.items():
+            ids = torch.cat([features[f].values() for f in feats]).to(torch.int64)
+            rows = torch.cat([embeddings[f].values() for f in feats])
+            keep = ids != PADDING_IDX
+            ids, rows = ids[keep], rows[keep]
+            uniq, inverse, occurrences = torch.unique(ids, return_inverse=True, return_counts=True)
+            # one looked-up row per distinct id: the lookup's backward sums into the table row
+            first = torch.full((uniq.numel(),), ids.numel(), dtype=torch.int64).scatter_reduce_(
+                0, inverse, torch.arange(ids.numel()), "amin")
+            owned = torch.ones(uniq.numel(), dtype=torch.bool)
+            if world > 1:
+                all_uniq = self._gather(uniq, world)
+                if table in self.online:
+                    all_occ = self._gather(occurrences, world)
+                    for u, o in zip(all_uniq, all_occ):
+                        self.counts[table].index_add_(0, u, o)
+                if rank > 0:
+                    owned = ~torch.isin(uniq, torch.cat(all_uniq[:rank]))
+            elif table in self.online:
+                self.counts[table].index_add_(0, uniq, occurrences)
+            n = self.counts[table][uniq].clamp_min(1).to(rows.dtype)
+            w = rows[first]
+            term = ((w * w).sum(1) / n)[owned].sum()
+            total = term if total is None else total + term
+        if total is None:
+            return torch.zeros(())
+        return total * (0.5 * self.lam * scale)
+
+
+# --- DistributedModelParallel --------------------------------------------------------------------------
+def _emb_optim(name: str):
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    table = {"sgd": EmbOptimType.EXACT_SGD, "adagrad": EmbOptimType.EXACT_ADAGRAD,
+             "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD}
+    if name not in table:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    return table[name]
+
+
+def sharding_plan(model: TorchRecDIN, sharding: str, world_size: int, sharder=None):
+    """A ``ShardingPlan`` for ``model.embeddings``: every table ``row_wise`` over the processes, or
+    ``table_wise`` with each table (largest first) on the process holding the fewest rows so far.
+    Compute kernel ``fused`` (FBGEMM TBE, the optimizer in the backward)."""
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
+    from torchrec.distributed.types import ShardingPlan
+
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    sharder = sharder or EmbeddingCollectionSharder()
+    configs = model.embeddings.embedding_configs()
+    if sharding == "row_wise":
+        per_table = {c.name: row_wise(compute_kernel="fused") for c in configs}
+    else:
+        load = [0] * world_size
+        per_table = {}
+        for c in sorted(configs, key=lambda c: -c.num_embeddings):
+            r = min(range(world_size), key=lambda i: (load[i], i))
+            load[r] += c.num_embeddings
+            per_table[c.name] = table_wise(rank=r, compute_kernel="fused")
+    module_plan = construct_module_sharding_plan(model.embeddings, per_table, sharder=sharder,
+                                                 local_size=world_size, world_size=world_size, device_type="cpu")
+    return ShardingPlan({"embeddings": module_plan})
+
+
+def shard(model: TorchRecDIN, sharding: str = "row_wise", *, optimizer: str = "rowwise_adagrad", lr: float = 0.01,
+          eps: float = 1e-10, process_group=None, device: Optional[torch.device] = None):
+    """``DistributedModelParallel(model)``: the tables sharded (:func:`sharding_plan`) and trained by
+    the fused ``optimizer`` (``sgd``, ``adagrad``, ``rowwise_adagrad``: FBGEMM's exact kernels) at
+    ``lr`` with ``eps``; the rest of the model data parallel (train it with an optimizer over
+    :func:`dense_parameters`). Every process must call it with the same (same-seeded) ``model``:
+    each keeps its shards of the tables as they are. ``torch.distributed`` must be initialized."""
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.types import ShardingEnv
+
+    pg = process_group or dist.GroupMember.WORLD
+    sharder = EmbeddingCollectionSharder(fused_params={"optimizer": _emb_optim(optimizer), "learning_rate": lr,
+                                                       "eps": eps})
+    plan = sharding_plan(model, sharding, dist.get_world_size(pg), sharder)
+    return DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), device=device or torch.device("cpu"),
+                                    plan=plan, sharders=[sharder])
+
+
+def _is_table(name: str) -> bool:
+    return name.startswith("embeddings.") or ".embeddings.embeddings." in name
+
+
+def dense_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The parameters outside the embedding tables (the attention unit, the MLP), sharded or not."""
+    return [p for n, p in model.named_parameters() if not _is_table(n)]
+
+
+def table_bytes(model: nn.Module) -> Dict[str, int]:
+    """Bytes this process holds for the tables: ``weights`` (its shards) and ``optimizer`` (the fused
+    optimizer's state of its shards, e.g. one float per row for row-wise Adagrad)."""
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if _is_table(n))
+    state = 0
+    opt = getattr(model, "fused_optimizer", None)
+    if opt is not None:
+        for per_param in opt.state.values():
+            for v in per_param.values():
+                if hasattr(v, "local_shards"):
+                    state += sum(s.tensor.numel() * s.tensor.element_size() for s in v.local_shards())
+                elif isinstance(v, torch.Tensor):
+                    state += v.numel() * v.element_size()
+    return {"weights": weights, "optimizer": state}
