@@ -157,17 +157,21 @@ class TorchRecDIN(nn.Module):
                            attention_normalization=attention_normalization, mlp_units=tuple(mlp_units),
                            mlp_activation=mlp_activation, init_std=init_std)
 
-        def init(w):  # DIN's tables: N(0, init_std^2), padding row 0
+        def init(w):  # DIN's tables: N(0, init_std^2); the padding row is zeroed below
             with torch.no_grad():
                 w.normal_(0.0, init_std)
-                w[PADDING_IDX].zero_()
 
         sizes = dict(zip(_user_keys(len(user_fields)), user_fields), item=num_items, category=num_categories)
-        tables = [EmbeddingConfig(name=name, num_embeddings=sizes[name] + 1, embedding_dim=embed_dim,
+        # rows of each table, kept here: DistributedModelParallel replaces self.embeddings in place
+        self.table_rows = {name: sizes[name] + 1 for name in _table_features(len(user_fields))}
+        tables = [EmbeddingConfig(name=name, num_embeddings=self.table_rows[name], embedding_dim=embed_dim,
                                   feature_names=feats, init_fn=init)
                   for name, feats in _table_features(len(user_fields)).items()]
         # the tables draw in DIN's order (users, item, category), then the unit, then the MLP
         self.embeddings = EmbeddingCollection(tables=tables, device=device)
+        with torch.no_grad():  # not in init_fn: sharding calls it again on each shard (then copies these rows in)
+            for emb in self.embeddings.embeddings.values():
+                emb.weight[PADDING_IDX].zero_()
         d = 2 * embed_dim
         self.attention = AttentionPooling(d, hidden_units=attention_units, activation=attention_activation,
                                           normalization=attention_normalization, device=device)
@@ -236,7 +240,7 @@ def frequencies(model: TorchRecDIN, batches: Iterable[KeyedJaggedTensor]) -> Dic
     """``{table: n}``: occurrences of each id in ``batches`` (``KeyedJaggedTensor``s of the whole
     training set), int64 ``[num_embeddings]``, the padding id not counted. Equal to
     :meth:`din_ops.models.DIN.frequencies` on the same data."""
-    sizes = {c.name: c.num_embeddings for c in model.embeddings.embedding_configs()}
+    sizes = model.table_rows
     counts = {t: torch.zeros(n, dtype=torch.int64) for t, n in sizes.items()}
     for kjt in batches:
         for t, feats in model.table_features().items():
@@ -275,7 +279,7 @@ class MBA:
 
         self.lam = _check_number(lam, "lam")
         self.tables = model.table_features()
-        sizes = {c.name: c.num_embeddings for c in model.embeddings.embedding_configs()}
+        sizes = model.table_rows
         frequencies = dict(frequencies or {})
         unknown = set(frequencies) - set(sizes)
         if unknown:
