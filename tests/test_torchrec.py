@@ -223,13 +223,15 @@ def test_unfused_mba_equals_din_ops_optimizer(optimizer, online):
 
 
 # --- DistributedModelParallel -------------------------------------------------------------------------
-CONFIGS = [("row_wise", "rowwise_adagrad"), ("table_wise", "rowwise_adagrad"), ("row_wise", "sgd")]
+# (sharding, fused optimizer, MBA frequencies counted on the fly)
+CONFIGS = [("row_wise", "rowwise_adagrad", False), ("table_wise", "rowwise_adagrad", False), ("row_wise", "sgd", False),
+           ("table_wise", "adagrad", True)]
 
 
-def _train_sharded(rank, world, sharding, optimizer):
+def _train_sharded(rank, world, sharding, optimizer, online):
     din = _din()
     model = trec.TorchRecDIN.from_din(din)
-    freqs = {k: v for k, v in zip(din.tables(), _frequencies(din).values())}
+    freqs = None if online else {k: v for k, v in zip(din.tables(), _frequencies(din).values())}
     dmp = trec.shard(model, sharding, optimizer=optimizer, lr=LR, eps=EPS)
     mba = trec.MBA(model, LAM, frequencies=freqs)
     dense = trec.dense_parameters(dmp)
@@ -276,10 +278,10 @@ def test_sharded_training_equals_single_process(tmp_path, world):
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     total = {}
-    for sharding, optimizer in CONFIGS:
-        what = f"{world} process(es), {sharding}, {optimizer}"
-        want_logits, want_losses, want, din, _ = _reference(optimizer)
-        runs = [p[(sharding, optimizer)] for p in parts]
+    for sharding, optimizer, online in CONFIGS:
+        what = f"{world} process(es), {sharding}, {optimizer}{', online counts' if online else ''}"
+        want_logits, want_losses, want, din, _ = _reference(optimizer, online=online)
+        runs = [p[(sharding, optimizer, online)] for p in parts]
         for step in range(STEPS):
             _close(torch.cat([r["logits"][step] for r in runs]), want_logits[step], f"{what}: logits at step {step}")
             # each process' loss: its mean BCE + W x its share of the penalty; they add up to W x the loss
@@ -293,7 +295,8 @@ def test_sharded_training_equals_single_process(tmp_path, world):
                 for r in runs[1:]:  # DDP keeps the dense parameters replicated
                     assert torch.equal(r["dense"][name], got), f"{what}: {name} differs between processes"
             _close(got, w, f"{what}: {name}")
-        total[sharding] = [r["memory"]["weights"] for r in runs]
+        if not online:
+            total[sharding] = [r["memory"]["weights"] for r in runs]
     rows = sum(e.num_embeddings for e in _din().tables().values())
     full = rows * 4 * 4  # fp32, embed_dim 4
     if world == 1:
@@ -301,3 +304,19 @@ def test_sharded_training_equals_single_process(tmp_path, world):
     else:  # row-wise: each process holds its half of every table (rows rounded up per table)
         assert sum(total["row_wise"]) == full and max(total["row_wise"]) <= full // 2 + 4 * 4 * len(_din().tables())
         assert sum(total["table_wise"]) == full and min(total["table_wise"]) > 0
+
+
+def test_example_runs_under_torchrun(tmp_path):
+    """examples/train_din_torchrec.py under torchrun (2 gloo processes, row-wise) on a slice of MovieLens-100K."""
+    require("recbole", "recbole")  # the data set ships inside the recbole wheel
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "ml100k_torchrec.md"
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(root, "examples", "train_din_torchrec.py"), "--models", "din_mba", "--epochs", "1",
+           "--max-train", "2048", "--max-test", "1024", "--out", str(out)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = out.read_text()
+    assert "| DIN + MBA | TorchRecDIN | 2 | row_wise |" in table
+    assert (tmp_path / "ml100k_torchrec.json").exists()

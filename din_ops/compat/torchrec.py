@@ -259,7 +259,7 @@ class MBA:
         model: the (unsharded) model, for its tables and their features.
         lam: the regularization strength lambda.
         frequencies: ``{table: n [num_embeddings]}`` counts over the training set (:func:`frequencies`),
-            replicated on every process. Tables left out are counted on the fly: each batch's
+            replicated on every process (copied: :attr:`counts` holds them). Tables left out are counted on the fly: each batch's
             occurrences (of every process) are added before its penalty is taken, as
             :mod:`din_ops.optim` counts online.
         process_group: the processes that share the global batch (default: the world, when
@@ -284,17 +284,26 @@ class MBA:
         unknown = set(frequencies) - set(sizes)
         if unknown:
             raise ValueError(f"frequencies has tables the model does not: {sorted(unknown)}")
+        # every table's counts in one int64 tensor (``counts[t]`` are views of it), given ones copied
+        self._base, total = {}, 0
+        for t in self.tables:
+            self._base[t] = total
+            total += sizes[t]
+        self._flat = torch.zeros(total, dtype=torch.int64)
+        self._online_mask = torch.zeros(total, dtype=torch.int64)
         self.counts: Dict[str, torch.Tensor] = {}
         self.online = set()
-        for t, n in sizes.items():
+        for t in self.tables:
+            n, view = sizes[t], self._flat[self._base[t]:self._base[t] + sizes[t]]
             if t in frequencies:
                 f = frequencies[t]
                 if not isinstance(f, torch.Tensor) or tuple(f.shape) != (n,):
                     raise ValueError(f"frequencies[{t!r}] must be a tensor of shape [{n}]")
-                self.counts[t] = f.to(torch.int64)
+                view.copy_(f)
             else:
-                self.counts[t] = torch.zeros(n, dtype=torch.int64)
+                self._online_mask[self._base[t]:self._base[t] + n] = 1
                 self.online.add(t)
+            self.counts[t] = view
         self.process_group = process_group
 
     def _world(self) -> Tuple[int, int]:
@@ -318,34 +327,38 @@ class MBA:
         """This process' penalty term for the batch ``features`` whose looked-up rows are ``embeddings``."""
         world, rank = self._world()
         scale = world if world > 1 and torchrec.distributed.comm_ops.get_gradient_division() else 1
-        total = None
+        ids, rows = [], []
         for table, feats in self.tables.items():
-            ids = torch.cat([features[f].values() for f in feats]).to(torch.int64)
-            rows = torch.cat([embeddings[f].values() for f in feats])
-            keep = ids != PADDING_IDX
-            ids, rows = ids[keep], rows[keep]
-            uniq, inverse, occurrences = torch.unique(ids, return_inverse=True, return_counts=True)
-            # one looked-up row per distinct id: the lookup's backward sums into the table row
-            first = torch.full((uniq.numel(),), ids.numel(), dtype=torch.int64).scatter_reduce_(
-                0, inverse, torch.arange(ids.numel()), "amin")
-            owned = torch.ones(uniq.numel(), dtype=torch.bool)
-            if world > 1:
-                all_uniq = self._gather(uniq, world)
-                if table in self.online:
-                    all_occ = self._gather(occurrences, world)
-                    for u, o in zip(all_uniq, all_occ):
-                        self.counts[table].index_add_(0, u, o)
-                if rank > 0:
-                    owned = ~torch.isin(uniq, torch.cat(all_uniq[:rank]))
-            elif table in self.online:
-                self.counts[table].index_add_(0, uniq, occurrences)
-            n = self.counts[table][uniq].clamp_min(1).to(rows.dtype)
-            w = rows[first]
-            term = ((w * w).sum(1) / n)[owned].sum()
-            total = term if total is None else total + term
-        if total is None:
-            return torch.zeros(())
-        return total * (0.5 * self.lam * scale)
+            t_ids = torch.cat([features[f].values() for f in feats]).to(torch.int64)
+            keep = t_ids != PADDING_IDX
+            ids.append(t_ids[keep] + self._base[table])  # one id space for all tables: one unique, one gather
+            rows.append(torch.cat([embeddings[f].values() for f in feats])[keep])
+        ids, rows = torch.cat(ids), torch.cat(rows)
+        uniq, inverse, occurrences = torch.unique(ids, return_inverse=True, return_counts=True)
+        # one looked-up row per distinct id: the lookup's backward sums into the table row
+        first = torch.full((uniq.numel(),), ids.numel(), dtype=torch.int64).scatter_reduce_(
+            0, inverse, torch.arange(ids.numel()), "amin")
+        owned = None
+        if world > 1:
+            online = bool(self.online)
+            parts = self._gather(torch.cat([uniq, occurrences]) if online else uniq, world)
+            all_uniq = [p[:p.numel() // 2] for p in parts] if online else parts
+            if online:
+                for u, p in zip(all_uniq, parts):
+                    self._online_add(u, p[p.numel() // 2:])
+            if rank > 0:  # an id seen by a lower rank is that rank's
+                owned = ~torch.isin(uniq, torch.cat(all_uniq[:rank]))
+        elif self.online:
+            self._online_add(uniq, occurrences)
+        n = self._flat[uniq].clamp_min(1).to(rows.dtype)
+        w = rows[first]
+        terms = (w * w).sum(1) / n
+        if owned is not None:
+            terms = terms[owned]
+        return terms.sum() * (0.5 * self.lam * scale)
+
+    def _online_add(self, uniq: torch.Tensor, occurrences: torch.Tensor) -> None:
+        self._flat.index_add_(0, uniq, occurrences * self._online_mask[uniq])
 
 
 # --- DistributedModelParallel --------------------------------------------------------------------------
