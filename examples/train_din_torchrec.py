@@ -88,6 +88,16 @@ def din_config(data, args):
     return dict(embed_dim=args.embed_dim, mlp_activation="prelu")
 
 
+def per_process(mem, world):
+    """``{kind: [bytes of rank 0, rank 1, ...]}``."""
+    t = torch.tensor([mem[k] for k in ("weights", "optimizer", "frequencies")], dtype=torch.int64)
+    parts = [t]
+    if world > 1:
+        parts = [torch.zeros_like(t) for _ in range(world)]
+        dist.all_gather(parts, t)
+    return {k: [int(p[i]) for p in parts] for i, k in enumerate(("weights", "optimizer", "frequencies"))}
+
+
 @torch.no_grad()
 def evaluate_sharded(dmp, split, rank, world, batch_size=4096):
     """Every process scores its share of each test batch (the lookups are collective); rank 0 gets all."""
@@ -123,10 +133,10 @@ def train(name, data, args, rank, world):
     freqs = trec.frequencies(model, (kjt(b) for b in data.train.batches(8192))) if mba else None
     dmp = trec.shard(model, args.sharding, optimizer="adagrad", lr=args.lr, eps=1e-10)
     runs.append(dict(impl="torchrec", model=dmp, mba=trec.MBA(model, lam, frequencies=freqs) if mba else None,
-                     opt=torch.optim.Adagrad(trec.dense_parameters(dmp), lr=args.dense_lr, eps=1e-10), time=0.0,
-                     memory=trec.table_bytes(dmp)))
-    runs[-1]["memory"]["frequencies"] = sum(c.numel() * c.element_size() for c in runs[-1]["mba"].counts.values()) \
-        if mba else 0
+                     opt=torch.optim.Adagrad(trec.dense_parameters(dmp), lr=args.dense_lr, eps=1e-10), time=0.0))
+    mem = trec.table_bytes(dmp)
+    mem["frequencies"] = sum(c.numel() * c.element_size() for c in runs[-1]["mba"].counts.values()) if mba else 0
+    runs[-1]["memory"] = per_process(mem, world)
     if world == 1 and not args.no_reference:
         tables = {id(e.weight) for e in core.tables().values()}
         groups = [{"params": [p for p in core.parameters() if id(p) in tables]},
@@ -137,8 +147,8 @@ def train(name, data, args, rank, world):
                          opt=din_ops.optim.MBAAdagrad(groups, lr=args.lr, lam=lam, frequencies=dfreqs,
                                                       padding_idx=din_ops.optim.embedding_padding(core)),
                          # element-wise Adagrad: a sum like the table; counts int64 per row
-                         memory=dict(weights=w, optimizer=w,
-                                     frequencies=sum(c.numel() * 8 for c in dfreqs.values()) if mba else 0)))
+                         memory=dict(weights=[w], optimizer=[w],
+                                     frequencies=[sum(c.numel() * 8 for c in dfreqs.values()) if mba else 0])))
     gen = torch.Generator().manual_seed(args.seed)
     seen = 0
     for _epoch in range(args.epochs):
@@ -174,7 +184,7 @@ def train(name, data, args, rank, world):
         results.append(dict(model=name, impl=r["impl"], processes=world,
                             sharding=args.sharding if r["impl"] == "torchrec" else "-",
                             auc=auc, gauc=gauc, logloss=logloss, examples_per_s=seen / t, train_s=t,
-                            memory=r["memory"]))
+                            memory=r["memory"], load=os.getloadavg()[0], machine=machine()))
     return results
 
 
@@ -183,6 +193,8 @@ def _key(r):
 
 
 def _kib(n):
+    if isinstance(n, list):  # one per process
+        return " / ".join(_kib(x) for x in n)
     return f"{n / 1024:,.1f}"
 
 
@@ -194,7 +206,7 @@ def write_table(rows, args, data, path):
     lines = [
         "# DIN on MovieLens-100K with TorchRec tables (DistributedModelParallel, gloo, CPU)",
         "",
-        f"Machine: {machine()}. Written by `examples/train_din_torchrec.py`; each row is one run "
+        f"Machine: {'; '.join(sorted({r.get('machine', machine()) for r in rows}))}. Written by `examples/train_din_torchrec.py`; each row is one run "
         f"(the command in the last column). Other jobs may share the machine.",
         "",
         f"Data: ML-100K from the recbole 1.2.1 wheel; {len(data.train)} training / {len(data.test)} test ratings "
@@ -203,29 +215,37 @@ def write_table(rows, args, data, path):
         f"`din_ops.optim.MBAAdagrad` for din_ops) / {args.dense_lr} (MLPs), embeddings {args.embed_dim} per field, "
         f"MBA lambda {args.mba_lambda}, seed {args.seed}.",
         "",
-        "Memory: KiB each process holds for the embedding tables (weights of its shards + their Adagrad state; "
-        "the MBA frequencies are replicated int64 counts). The MLPs (replicated) are not counted.",
+        "Memory: KiB each process holds for the embedding tables (rank 0 / rank 1 / ...): the weights of its shards, "
+        "their Adagrad state, and the MBA frequencies (int64 counts, replicated). The MLPs (replicated) are not "
+        "counted. Examples/s: global training examples over the slowest process' time in the training steps; the "
+        "load average (1 min) at the end of each run says how busy the shared machine was.",
         "",
         "| model | implementation | processes | sharding | test AUC | AUC minus din_ops | test GAUC | test logloss "
-        "| train examples/s | table weights KiB/process | optimizer state KiB/process | MBA counts KiB/process | command |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| train examples/s | load | table weights KiB/process | optimizer state KiB/process | MBA counts KiB/process "
+        "| command |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         d = f"{r['auc'] - ref[r['model']]['auc']:+.5f}" if r["model"] in ref and r["impl"] != "din_ops" else ""
         m = r["memory"]
         impl = "din_ops DIN" if r["impl"] == "din_ops" else "TorchRecDIN"
         lines.append(f"| {LABELS[r['model']]} | {impl} | {r['processes']} | {r['sharding']} | {r['auc']:.4f} | {d} "
-                     f"| {r['gauc']:.4f} | {r['logloss']:.4f} | {r['examples_per_s']:,.0f} | {_kib(m['weights'])} "
+                     f"| {r['gauc']:.4f} | {r['logloss']:.4f} | {r['examples_per_s']:,.0f} | {r['load']:.1f} | {_kib(m['weights'])} "
                      f"| {_kib(m['optimizer'])} | {_kib(m['frequencies'])} | `{r['command']}` |")
     notes = []
     for r in rows:
         one = single.get((r["model"], "row_wise"))
         if r["impl"] == "torchrec" and r["processes"] > 1 and one is not None:
             notes.append(f"{LABELS[r['model']]} {r['sharding']} on {r['processes']} processes: "
-                         f"{r['memory']['weights'] / one['memory']['weights']:.3f}x the table weights of one process, "
-                         f"{r['examples_per_s'] / one['examples_per_s']:.2f}x its examples/s")
+                         f"{max(r['memory']['weights']) / one['memory']['weights'][0]:.3f}x the table weights of one "
+                         f"process (the fullest process), {r['examples_per_s'] / one['examples_per_s']:.2f}x its "
+                         f"examples/s")
     if notes:
         lines += ["", "Per process against the 1-process TorchRec run: " + "; ".join(notes) + "."]
+    lines += ["", "Each step of a sharded run adds gloo all-to-alls (the ids to the shards, the rows back, their "
+              "gradients) and, with MBA, one all-gather of the distinct ids, and on a machine with as many cores as "
+              "processes, shared with other jobs, the processes wait for each other: what sharding buys there is "
+              "table memory per process, not speed."]
     text = "\n".join(lines) + "\n"
     with open(path, "w") as f:
         f.write(text)
@@ -256,7 +276,7 @@ def main(argv=None):
             if rank == 0:
                 print(f"{LABELS[name]:>10} {r['impl']:>8} x{world} {r['sharding']:>10}: AUC {r['auc']:.4f}  "
                       f"GAUC {r['gauc']:.4f}  logloss {r['logloss']:.4f}  {r['examples_per_s']:,.0f} examples/s  "
-                      f"tables {_kib(r['memory']['weights'])} KiB/process", flush=True)
+                      f"tables {_kib(r['memory']['weights'])} KiB", flush=True)
     if rank == 0:
         store = os.path.splitext(args.out)[0] + ".json"
         rows = []

@@ -31,7 +31,21 @@ import din_ops.models
 import din_ops.optim
 from compat_libs import require
 
-trec = require("torchrec", "din_ops.compat.torchrec")
+
+
+class _LazyModule:
+    """din_ops.compat.torchrec, imported (torchrec installed) when a test first uses it: collecting
+    the suite must not load torchrec into the other tests' process."""
+
+    _module = None
+
+    def __getattr__(self, name):
+        if _LazyModule._module is None:
+            _LazyModule._module = require("torchrec", "din_ops.compat.torchrec")
+        return getattr(_LazyModule._module, name)
+
+
+trec = _LazyModule()
 
 B, T = 12, 7
 ITEMS, CATS, USERS = 30, 5, (9, 3)
@@ -320,3 +334,24 @@ def test_example_runs_under_torchrun(tmp_path):
     table = out.read_text()
     assert "| DIN + MBA | TorchRecDIN | 2 | row_wise |" in table
     assert (tmp_path / "ml100k_torchrec.json").exists()
+
+
+def test_din_ops_works_without_torchrec():
+    """Nothing in din_ops but din_ops.compat.torchrec needs torchrec; that one says how to install it."""
+    code = "\n".join([
+        "import sys",
+        "sys.modules['torchrec'] = None; sys.modules['fbgemm_gpu'] = None  # as if not installed",
+        "import torch, din_ops, din_ops.compat, din_ops.models, din_ops.optim",
+        "m = din_ops.models.DIN(10, 3, (4,), embed_dim=4)",
+        "m(torch.tensor([[1]]), torch.tensor([2]), torch.tensor([1]), torch.tensor([[3, 4]]), torch.tensor([[1, 2]]))",
+        "try:",
+        "    import din_ops.compat.torchrec",
+        "except ImportError as e:",
+        "    assert 'requirements-torchrec.txt' in str(e), e",
+        "else:",
+        "    raise AssertionError('din_ops.compat.torchrec imported without torchrec')",
+    ])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]

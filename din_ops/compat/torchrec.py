@@ -67,8 +67,12 @@ from ..models import DIN, _MLP, check_din_config
 from ..nn import AttentionPooling, Dice
 from ..ops.attention_pooling import ACTIVATIONS, NORMALIZATIONS
 
-import torchrec
-from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJaggedTensor
+try:
+    import torchrec
+    from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJaggedTensor
+except ImportError as e:  # the optional extra
+    raise ImportError("din_ops.compat.torchrec needs torchrec: pip install --no-deps -r requirements-torchrec.txt "
+                      f"({e})") from e
 
 __all__ = ["TorchRecDIN", "MBA", "features", "frequencies", "shard", "sharding_plan", "dense_parameters",
            "table_bytes", "SHARDINGS", "OPTIMIZERS"]
