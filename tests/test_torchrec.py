@@ -2,14 +2,21 @@
 
 - The model: built from a ``din_ops.models.DIN`` (or from the same seed) it gives DIN's logits on the
   jagged history, for one candidate per user and for C candidates.
+- The MBA penalty equals ``din_ops.mba_penalty`` on the batch's ids (padding id, n_j == 0).
 - MBA on one process, unfused (the unsharded ``EmbeddingCollection``, torch optimizers): the
   penalty on the looked-up rows trains the tables as ``din_ops.optim.MBASGD`` /
   ``MBAAdagrad`` do, with given frequencies and counted on the fly.
-- ``DistributedModelParallel`` with the fused TBE optimizers, on 1 and 2 gloo processes (CPU),
-  row-wise and table-wise: each process takes half of each global batch, and the logits, losses
-  and every parameter after a few steps equal one process of din_ops' DIN with
-  ``MBAAdagrad(rowwise=True)`` (or ``MBASGD``) on the global batch. Under row-wise sharding each
-  process holds half the rows.
+- ``DistributedModelParallel`` with the fused TBE optimizers (exact SGD, Adagrad, row-wise
+  Adagrad), on 1 and 2 gloo processes (CPU), row-wise and table-wise: each process takes half of
+  each global batch, and the logits, losses and every parameter after a few steps equal one process
+  of din_ops' DIN with ``MBASGD`` / ``MBAAdagrad`` (``rowwise`` to match) on the global batch.
+  Under row-wise sharding each process holds half the rows.
+- din_ops imports and runs without torchrec.
+
+"Counted on the fly" means: each batch's occurrences are added to the counts before its step. The
+reference feeds ``MBAAdagrad`` counts updated that way rather than its own online counts, which
+tally the entries of the sparse gradient: autograd's sum of a table's two lookups (candidates and
+history) merges some entries, so they can fall short of the occurrences.
 - ``examples/train_din_torchrec.py`` under torchrun on a slice of MovieLens-100K.
 
 float32 (TorchRec's tables are fp32 or fp16); tolerance 2e-5 relative to each tensor's size.
@@ -207,7 +214,7 @@ def test_mba_penalty_equals_din_ops_mba_penalty():
     freqs[din.item_embedding.weight][b["items"][0]] = 0  # n_j == 0 counts as 1
     mba = trec.MBA(model, LAM, frequencies={k: freqs[e.weight] for k, e in din.tables().items()})
     _, penalty = model(_kjt(b), mba=mba)
-    want = sum(float(din_ops.mba_penalty(e.weight, ids, freqs[e.weight], LAM, padding_idx=0))
+    want = sum(float(din_ops.mba_penalty(e.weight.detach(), ids, freqs[e.weight], LAM, padding_idx=0))
                for e, ids in _table_ids(din, b))
     assert abs(float(penalty) - want) <= 1e-6 * want
 
