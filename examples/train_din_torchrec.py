@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -84,7 +85,7 @@ def share(batch, rank, world):
     return {k: v[lo:hi] for k, v in batch.items()}
 
 
-def din_config(data, args):
+def din_config(args):
     return dict(embed_dim=args.embed_dim, mlp_activation="prelu")
 
 
@@ -128,7 +129,7 @@ def train(name, data, args, rank, world):
     lam = args.mba_lambda if mba else 0.0
     runs = []
     torch.manual_seed(args.seed)  # the same initialization for both models
-    core = din_ops.models.DIN(data.num_items, data.num_categories, data.user_fields, **din_config(data, args))
+    core = din_ops.models.DIN(data.num_items, data.num_categories, data.user_fields, **din_config(args))
     model = trec.TorchRecDIN.from_din(core)
     freqs = trec.frequencies(model, (kjt(b) for b in data.train.batches(8192))) if mba else None
     dmp = trec.shard(model, args.sharding, optimizer="adagrad", lr=args.lr, eps=1e-10)
@@ -206,7 +207,8 @@ def write_table(rows, args, data, path):
     lines = [
         "# DIN on MovieLens-100K with TorchRec tables (DistributedModelParallel, gloo, CPU)",
         "",
-        f"Machine: {'; '.join(sorted({r.get('machine', machine()) for r in rows}))}. Written by `examples/train_din_torchrec.py`; each row is one run "
+        f"Machine: {'; '.join(sorted({r.get('machine', machine()) for r in rows}))}. Written by "
+        f"`examples/train_din_torchrec.py`; each row is one run "
         f"(the command in the last column). Other jobs may share the machine.",
         "",
         f"Data: ML-100K from the recbole 1.2.1 wheel; {len(data.train)} training / {len(data.test)} test ratings "
@@ -230,7 +232,8 @@ def write_table(rows, args, data, path):
         m = r["memory"]
         impl = "din_ops DIN" if r["impl"] == "din_ops" else "TorchRecDIN"
         lines.append(f"| {LABELS[r['model']]} | {impl} | {r['processes']} | {r['sharding']} | {r['auc']:.4f} | {d} "
-                     f"| {r['gauc']:.4f} | {r['logloss']:.4f} | {r['examples_per_s']:,.0f} | {r['load']:.1f} | {_kib(m['weights'])} "
+                     f"| {r['gauc']:.4f} | {r['logloss']:.4f} | {r['examples_per_s']:,.0f} | {r['load']:.1f} "
+                     f"| {_kib(m['weights'])} "
                      f"| {_kib(m['optimizer'])} | {_kib(m['frequencies'])} | `{r['command']}` |")
     notes = []
     for r in rows:
@@ -292,6 +295,8 @@ def main(argv=None):
         print(f"total {time.perf_counter() - t0:.0f} s")
     dist.barrier()
     dist.destroy_process_group()
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
     return results
 
 

@@ -388,3 +388,21 @@ def test_dense_kernel_returns_rows_on_cpu():
     tbe = DenseTableBatchedEmbeddingBagsCodegen([(10, 4)], pooling_mode=PoolingMode.NONE, use_cpu=True)
     out = tbe(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 3]))
     assert out.shape == (3, 4)
+
+
+def test_bad_features_name_the_key():
+    model = trec.TorchRecDIN.from_din(_din())
+    b = _batch(5)
+    bad = dict(b, hist_items=b["hist_items"].clone())
+    bad["hist_items"][0] = ITEMS + 1
+    with pytest.raises(ValueError, match=r"features\['hist_item'\] must lie in \[0, 31\)"):
+        model(_kjt(bad))
+    kjt = _kjt(b)
+    from torchrec import KeyedJaggedTensor
+
+    partial = KeyedJaggedTensor.from_lengths_sync(keys=["item"], values=b["items"],
+                                                  lengths=torch.ones(B, dtype=torch.int64))
+    with pytest.raises(ValueError, match="lacks the keys"):
+        model(partial)
+    with pytest.raises(TypeError, match="KeyedJaggedTensor"):
+        model(kjt.to_dict())

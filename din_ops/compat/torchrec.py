@@ -37,10 +37,10 @@ through the lookup's own backward, so it works with TorchRec's fused optimizers 
 optimizer runs inside the backward and never shows a gradient) as well as with any optimizer on
 unfused tables, and equals :class:`din_ops.optim.MBASGD` / :class:`din_ops.optim.MBAAdagrad`
 (tests/test_torchrec.py). Under several processes the distinct ids of every process are
-all-gathered (a few int64 per id, per table) and an id seen by several processes is counted by
-the lowest rank only; the frequencies ``n`` are kept replicated on every process (int64 per row:
-8 bytes against ``4 * embed_dim`` for the row itself), given (:func:`frequencies`) or counted on
-the fly from the global batches.
+all-gathered (one all-gather per step for all tables, an int64 per id, two with online counts) and
+an id seen by several processes is counted by the lowest rank only; the frequencies ``n`` are kept
+replicated on every process (int64 per row: 8 bytes against ``4 * embed_dim`` for the row
+itself), given (:func:`frequencies`) or counted on the fly from the global batches.
 
 **Sharding** (:func:`shard`). ``DistributedModelParallel`` with the ``fused`` compute kernel
 (FBGEMM TBE with the optimizer in the backward: SGD, Adagrad or row-wise Adagrad, all "exact":
@@ -52,7 +52,12 @@ embedding all-to-all by the world size (``torchrec.distributed.comm_ops.get_grad
 so each process' loss is the mean over its own examples and the training equals one process on
 the global batch. fbgemm-gpu-cpu 1.8.0's ``dense`` kernel returns pooled rows for sequence tables
 on CPU (so ``DistributedModelParallel`` fails in the output all-to-all): on CPU the unfused path
-is the unsharded ``EmbeddingCollection`` (``nn.Embedding`` tables, any optimizer).
+is the unsharded model (``nn.Embedding`` tables, any torch optimizer), on one process or in
+``DistributedDataParallel`` (replicated tables, averaged gradients; the MBA scaling is the same).
+
+**Padding.** TorchRec's tables have no ``padding_idx``: :func:`features` keeps only the valid
+history positions, so id 0 is never looked up; an explicit 0 would be trained like any id (DIN's
+``nn.Embedding(padding_idx=0)`` would not), though never regularized.
 """
 from __future__ import annotations
 
@@ -74,8 +79,8 @@ except ImportError as e:  # the optional extra
     raise ImportError("din_ops.compat.torchrec needs torchrec: pip install --no-deps -r requirements-torchrec.txt "
                       f"({e})") from e
 
-__all__ = ["TorchRecDIN", "MBA", "features", "frequencies", "shard", "sharding_plan", "dense_parameters",
-           "table_bytes", "SHARDINGS", "OPTIMIZERS"]
+__all__ = ["TorchRecDIN", "MBA", "features", "feature_keys", "frequencies", "shard", "sharding_plan",
+           "dense_parameters", "table_bytes", "SHARDINGS", "OPTIMIZERS"]
 
 SHARDINGS = ("row_wise", "table_wise")
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
@@ -101,7 +106,8 @@ def features(users: torch.Tensor, items: torch.Tensor, categories: torch.Tensor,
     B = items.shape[0]
     items, categories = items.reshape(B, -1), categories.reshape(B, -1)
     if items.shape != categories.shape:
-        raise ValueError(f"categories must have the shape of items {tuple(items.shape)}, got {tuple(categories.shape)}")
+        raise ValueError(f"categories must have the shape of items {tuple(items.shape)}, "
+                         f"got {tuple(categories.shape)}")
     C = items.shape[1]
     if offsets is not None:
         hist_len = offsets[1:] - offsets[:-1]
@@ -112,12 +118,13 @@ def features(users: torch.Tensor, items: torch.Tensor, categories: torch.Tensor,
         mask = _ref.valid_mask(hist_len, B, T, hist_items.device)
         hi, hc = hist_items[mask], hist_categories[mask]
     F = users.shape[1] if users.dim() == 2 else 0
-    ones = torch.ones(B, dtype=torch.int64)
-    cand = torch.full((B,), C, dtype=torch.int64)
+    ones = torch.ones(B, dtype=torch.int64, device=items.device)
+    cand = torch.full((B,), C, dtype=torch.int64, device=items.device)
     values = [users[:, i] for i in range(F)] + [items.reshape(-1), categories.reshape(-1), hi, hc]
-    lens = [ones] * F + [cand, cand, hist_len.to(torch.int64), hist_len.to(torch.int64)]
-    return KeyedJaggedTensor.from_lengths_sync(keys=feature_keys(F), values=torch.cat([v.to(torch.int64) for v in values]),
-                                               lengths=torch.cat(lens))
+    hist_len = hist_len.to(device=items.device, dtype=torch.int64)
+    lens = [ones] * F + [cand, cand, hist_len, hist_len]
+    return KeyedJaggedTensor.from_lengths_sync(keys=feature_keys(F), lengths=torch.cat(lens),
+                                               values=torch.cat([v.to(torch.int64) for v in values]))
 
 
 def _table_features(num_user_fields: int) -> Dict[str, List[str]]:
@@ -138,6 +145,7 @@ class TorchRecDIN(nn.Module):
     :func:`feature_keys` (:func:`features` builds one): one id per user for each ``user{i}``, C ids
     per user for ``item`` and ``category``, the history for ``hist_item`` and ``hist_category``
     (the same lengths). Returns logits ``[B, C]``; with an :class:`MBA`, ``(logits, penalty)``.
+    :meth:`check_features` checks the input first (a ValueError naming the key).
     The penalty is taken inside ``forward`` so that ``DistributedModelParallel`` (which wraps the
     model in DDP) sees one forward per step.
     """
@@ -155,11 +163,6 @@ class TorchRecDIN(nn.Module):
                              f"got {attention_normalization!r}")
         self.embed_dim = embed_dim
         self.num_user_fields = len(user_fields)
-        self.config = dict(num_items=num_items, num_categories=num_categories, user_fields=tuple(user_fields),
-                           embed_dim=embed_dim, attention_units=tuple(attention_units),
-                           attention_activation=attention_activation,
-                           attention_normalization=attention_normalization, mlp_units=tuple(mlp_units),
-                           mlp_activation=mlp_activation, init_std=init_std)
 
         def init(w):  # DIN's tables: N(0, init_std^2); the padding row is zeroed below
             with torch.no_grad():
@@ -214,7 +217,34 @@ class TorchRecDIN(nn.Module):
         """``{table: [feature keys]}`` (the candidate and history features share a table)."""
         return _table_features(self.num_user_fields)
 
+    def check_features(self, features: KeyedJaggedTensor) -> None:
+        """``forward``'s input: every key, one id per user field, the history's two features of one
+        length, ids in range of their tables (read on the host, one read for every range)."""
+        if not isinstance(features, KeyedJaggedTensor):
+            raise TypeError(f"features must be a torchrec KeyedJaggedTensor, got {type(features).__name__}")
+        want = feature_keys(self.num_user_fields)
+        missing = [k for k in want if k not in features.keys()]
+        if missing:
+            raise ValueError(f"features lacks the keys {missing} (it needs {want}; "
+                             "see din_ops.compat.torchrec.features)")
+        jts = features.to_dict()
+        for k in _user_keys(self.num_user_fields):
+            if bool((jts[k].lengths() != 1).any()):
+                raise ValueError(f"features[{k!r}] must hold one id per user")
+        if not torch.equal(jts["hist_item"].lengths(), jts["hist_category"].lengths()):
+            raise ValueError("features['hist_item'] and features['hist_category'] must have the same lengths")
+        named = [(k, jts[k].values(), t) for t, feats in self.table_features().items() for k in feats]
+        named = [x for x in named if x[1].numel() > 0]
+        if not named:
+            return
+        bounds = torch.stack([torch.stack([v.min(), v.max()]).to(torch.int64) for _, v, _ in named]).tolist()
+        for (k, _, t), (lo, hi) in zip(named, bounds):
+            if lo < 0 or hi >= self.table_rows[t]:
+                raise ValueError(f"features[{k!r}] must lie in [0, {self.table_rows[t]}) (ids of table {t!r}, "
+                                 f"0 pads), got values in [{lo}, {hi}]")
+
     def forward(self, features: KeyedJaggedTensor, mba: Optional["MBA"] = None):
+        self.check_features(features)
         emb = self.embeddings(features)
         if hasattr(emb, "wait"):  # DistributedModelParallel: the output all-to-all's awaitable
             emb = emb.wait()
@@ -247,9 +277,10 @@ def frequencies(model: TorchRecDIN, batches: Iterable[KeyedJaggedTensor]) -> Dic
     sizes = model.table_rows
     counts = {t: torch.zeros(n, dtype=torch.int64) for t, n in sizes.items()}
     for kjt in batches:
+        model.check_features(kjt)
         for t, feats in model.table_features().items():
             ids = torch.cat([kjt[f].values() for f in feats]).to(torch.int64)
-            counts[t] += torch.bincount(ids, minlength=sizes[t])[:sizes[t]]
+            counts[t] += torch.bincount(ids, minlength=sizes[t])
     for c in counts.values():
         c[PADDING_IDX] = 0
     return counts
@@ -262,10 +293,10 @@ class MBA:
     Args:
         model: the (unsharded) model, for its tables and their features.
         lam: the regularization strength lambda.
-        frequencies: ``{table: n [num_embeddings]}`` counts over the training set (:func:`frequencies`),
-            replicated on every process (copied: :attr:`counts` holds them). Tables left out are counted on the fly: each batch's
-            occurrences (of every process) are added before its penalty is taken, as
-            :mod:`din_ops.optim` counts online.
+        frequencies: ``{table: n [num_embeddings]}`` counts over the training set
+            (:func:`frequencies`), replicated on every process (copied: :attr:`counts` holds them).
+            Tables left out are counted on the fly: each batch's occurrences (of every process)
+            are added before its penalty is taken, as :mod:`din_ops.optim` counts online.
         process_group: the processes that share the global batch (default: the world, when
             ``torch.distributed`` is initialized).
 
