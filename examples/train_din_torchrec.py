@@ -246,9 +246,9 @@ def write_table(rows, args, data, path):
     if notes:
         lines += ["", "Per process against the 1-process TorchRec run: " + "; ".join(notes) + "."]
     lines += ["", "Each step of a sharded run adds gloo all-to-alls (the ids to the shards, the rows back, their "
-              "gradients) and, with MBA, one all-gather of the distinct ids, and on a machine with as many cores as "
-              "processes, shared with other jobs, the processes wait for each other: what sharding buys there is "
-              "table memory per process, not speed."]
+              "gradients) and, with MBA, one all-gather of the distinct ids; on a machine with as many cores as "
+              "processes, shared with other jobs, the speed-up of a second process is small and varies with the "
+              "load (the load column). What row-wise sharding buys for sure is half the table memory per process."]
     text = "\n".join(lines) + "\n"
     with open(path, "w") as f:
         f.write(text)
