@@ -8,8 +8,18 @@ include ray and plotly, so it installs with ``--no-deps`` plus only the modules
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def requirements(name: str):
+    """The pins of ``requirements-<name>.txt`` (an optional extra of din_ops)."""
+    with open(os.path.join(ROOT, f"requirements-{name}.txt")) as f:
+        return [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
+
 
 # library -> pip install commands (argument lists); the first package is the library itself
 PINS = {
@@ -21,6 +31,8 @@ PINS = {
     "recbole": [["--no-deps", "recbole==1.2.1"],
                 ["colorlog==4.7.2", "colorama==0.4.4", "texttable==1.7.0", "tensorboard==2.21.0",
                  "pyyaml==6.0.3", "pandas==2.3.3", "scipy==1.17.1", "scikit-learn==1.7.2", "tqdm==4.67.1"]],
+    # the optional extra requirements-torchrec.txt, with --no-deps as its header says
+    "torchrec": [["--no-deps", *requirements("torchrec")]],
 }
 
 

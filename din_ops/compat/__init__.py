@@ -4,6 +4,10 @@
   ``LocalActivationUnit``, ``Dice``, ``DIN``).
 - :mod:`din_ops.compat.torch_rechub`: torch-rechub 0.9.0 (DIN's ``ActivationUnit``).
 - :mod:`din_ops.compat.recbole`: RecBole 1.2.1 (``SequenceAttLayer``).
+- :mod:`din_ops.compat.torchrec`: not an adapter but DIN built on TorchRec 1.8.0
+  (``TorchRecDIN``: the tables in an ``EmbeddingCollection``, sharded with
+  ``DistributedModelParallel``; MBA on sharded tables). It imports torchrec when imported itself
+  (``pip install --no-deps -r requirements-torchrec.txt``); nothing else in din_ops does.
 
 Each ``convert(model, ...)`` keeps the model's parameters, buffers and ``state_dict`` keys: the
 converted modules become subclasses of their original classes whose ``forward`` calls the fused
