@@ -15,7 +15,12 @@ Frequencies ``n_j`` per table come from, in order of precedence: the param group
 ``frequencies={param: tensor}``, or else ONLINE counting: the optimizer keeps an int64 count per
 table (``state[p]["frequency"]``, see :meth:`frequencies`) and adds each step's indices before
 the update, so ``n_j`` is the number of occurrences seen so far (at least 1 for present rows).
-``n_j == 0`` is treated as 1.
+``n_j == 0`` is treated as 1. The online counts see the gradient's entries, and a coalesced
+gradient has one entry per distinct id: :func:`din_ops.embedding_attention_pooling` (which
+``din_ops.models.DIN`` uses for the history) gives one per distinct id of the batch, and autograd
+may merge entries when it adds two sparse gradients of one table. For the paper's ``n_j``
+(occurrences in the training set) give the counts: :func:`din_ops.count_frequencies`,
+``DIN.frequencies`` or :class:`din_ops.FrequencyCounter`.
 
 ``padding_idx`` (the embeddings' padding row, never updated) is set per group or through
 ``padding_idx={param: idx}``; :func:`embedding_padding` collects it from a model's

@@ -231,7 +231,8 @@ def embedding_attention_pooling(
     ``attention_pooling`` after ``coalesce()``. Autograd's accumulation into a leaf's ``.grad``
     rebuilds sparse tensors without the coalesced flag (the rows stay distinct and sorted), and
     with several sparse contributions (a table also used for the candidate's own lookup) it
-    concatenates them; :mod:`din_ops.optim` sums duplicates either way.
+    concatenates them; :mod:`din_ops.optim` sums duplicates either way. Its online frequency
+    counts see one entry per distinct id and batch: pass counts for the paper's ``n_j``.
     For a table whose optimizer needs a dense gradient, ``.to_dense()`` it, or use
     :class:`din_ops.nn.EmbeddingAttentionPooling` with ``nn.Embedding(sparse=False)``.
 
