@@ -262,7 +262,11 @@ class DIN(nn.Module):
         mlp_units, mlp_activation: the top MLP (paper: 200, 80 with PReLU or Dice).
         pooling: ``attention`` (DIN) or ``sum`` (BaseModel).
         backend: ``din_ops`` (fused ops) or ``eager`` (plain PyTorch, same parameters).
-        sparse: ``nn.Embedding(sparse=True)``, for :mod:`din_ops.optim` and MBA.
+        sparse: ``nn.Embedding(sparse=True)``, for :mod:`din_ops.optim` and MBA. With
+            ``backend="din_ops"`` the history's lookups are then fused into the attention
+            (:class:`din_ops.nn.EmbeddingAttentionPooling`: the keys ``[B, T, 2E]`` and their
+            gradient are never stored; the tables get one gradient row per distinct id); dense
+            tables keep plain ``nn.Embedding`` lookups.
         init_std: embeddings are drawn from ``N(0, init_std^2)`` (padding row 0).
 
     ``forward(users, items, categories, hist_items, hist_categories, lengths=None, offsets=None)``:
@@ -324,10 +328,12 @@ class DIN(nn.Module):
             self.attention = cls(d, hidden_units=attention_units, activation=attention_activation,
                                  normalization=attention_normalization)
         self.mlp = _MLP(embed_dim * len(user_fields) + 2 * d, mlp_units, mlp_activation, backend)
-        # din_ops: the history's lookups fused into the attention (keys never stored). Not a
-        # submodule: it shares the tables and the attention, so the state_dict is unchanged.
+        # din_ops with sparse tables: the history's lookups fused into the attention (keys never
+        # stored). Not a submodule: it shares the tables and the attention, so the state_dict is
+        # unchanged. Dense tables keep plain lookups: their gradient needs no distinct-id count,
+        # which on CUDA is a host read.
         history = None
-        if backend == "din_ops" and self.attention is not None:
+        if backend == "din_ops" and self.attention is not None and sparse:
             history = EmbeddingAttentionPooling((self.item_embedding, self.category_embedding), self.attention)
         object.__setattr__(self, "_history_pooling", history)
 

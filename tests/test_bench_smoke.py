@@ -35,7 +35,7 @@ def test_bench_tiny_preset(tmp_path):
         assert reader.fieldnames == CSV_COLUMNS
         rows = list(reader)
     ops = {r["op"] for r in rows}
-    assert ops == {"attention_pooling", "dice", "mba_update"}
+    assert ops == {"attention_pooling", "dice", "mba_update", "embedding_attention_pooling"}
     timed = [r for r in rows if r["status"] == "ok"]
     assert not [r for r in rows if r["status"].startswith(("MISMATCH", "error"))]
     for r in timed:
