@@ -25,6 +25,9 @@ namespace {
 
 std::atomic<int64_t> chunk_elems{int64_t(1) << 21};  // keys per chunk: 8 MB in fp32
 
+// Positions ahead whose table row is prefetched (rows of a large table are cache misses).
+constexpr int64_t kAhead = 8;
+
 using OptTensorList = std::optional<at::TensorList>;
 at::TensorList or_empty(const OptTensorList& l) { return l.value_or(at::TensorList()); }
 
@@ -152,6 +155,27 @@ struct Chunk {
   std::optional<at::Tensor> lengths, offsets;
 };
 
+// dst + t * stride <- the row of table tab (row_bytes each) with id[t], for t < n: element
+// loops for the usual widths (a memcpy call per row of 18 floats costs more than the copy).
+template <typename E>
+void copy_rows_as(char* dst, int64_t stride, const char* tab, int64_t row_bytes, const int64_t* id, int64_t n) {
+  const int64_t w = row_bytes / static_cast<int64_t>(sizeof(E));
+  for (int64_t t = 0; t < n; ++t) {
+    if (t + kAhead < n) __builtin_prefetch(tab + id[t + kAhead] * row_bytes);
+    const E* __restrict src = reinterpret_cast<const E*>(tab + id[t] * row_bytes);
+    E* __restrict out = reinterpret_cast<E*>(dst + t * stride);
+    for (int64_t k = 0; k < w; ++k) out[k] = src[k];
+  }
+}
+
+void copy_rows(char* dst, int64_t stride, const char* tab, int64_t row_bytes, const int64_t* id, int64_t n,
+               int64_t es) {
+  if (es == 4) return copy_rows_as<uint32_t>(dst, stride, tab, row_bytes, id, n);
+  if (es == 2) return copy_rows_as<uint16_t>(dst, stride, tab, row_bytes, id, n);
+  if (es == 8) return copy_rows_as<uint64_t>(dst, stride, tab, row_bytes, id, n);
+  for (int64_t t = 0; t < n; ++t) std::memcpy(dst + t * stride, tab + id[t] * row_bytes, row_bytes);
+}
+
 Chunk gather(const Batch& b, int64_t r0, int64_t r1) {
   Chunk c{r0, r1, 0, 0, {}, std::nullopt, std::nullopt};
   const int64_t nb = r1 - r0;
@@ -169,7 +193,7 @@ Chunk gather(const Batch& b, int64_t r0, int64_t r1) {
         const int64_t* id = b.ids[f].data_ptr<int64_t>() + b.start[r];
         const char* tab = static_cast<const char*>(b.tables[f].data_ptr());
         const int64_t w = b.width[f] * es, col = b.col[f] * es;
-        for (int64_t t = 0; t < n; ++t) std::memcpy(row + t * D * es + col, tab + id[t] * w, w);
+        copy_rows(row + col, D * es, tab, w, id, n, es);
       }
       // padding: never read by the kernels, zeroed so the buffer holds no stale values
       if (!b.jagged) std::memset(row + n * D * es, 0, (b.T - n) * D * es);
@@ -334,31 +358,39 @@ Distinct distinct_ids(const Batch& b, size_t f, int64_t padding_idx) {
   return d;
 }
 
-// values[inv[p]] += the table's columns of gk[p] for the chunk's valid positions. Each part owns
-// a range of distinct ids and walks the positions in order.
+// values[f][inv[f][p]] += table f's columns of gk[p] for the chunk's valid positions, every
+// table at once. Each part owns one table's range of distinct ids (tables first: parts of
+// different tables never touch the same rows) and walks the positions in order.
 template <typename T>
-void add_key_grads(const Batch& b, const Chunk& c, size_t f, const Distinct& d, const at::Tensor& gk,
-                   at::Tensor& values) {
-  const int64_t U = d.ids.numel();
-  if (U == 0) return;
-  const int64_t D = b.D, w = b.width[f], col = b.col[f];
-  const T* g = gk.data_ptr<T>();
-  T* val = values.data_ptr<T>();
-  const int32_t* inv = d.inv.data_ptr<int32_t>();
+void add_key_grads(const Batch& b, const Chunk& c, const std::vector<Distinct>& distinct, const at::Tensor& gk,
+                   std::vector<at::Tensor>& values) {
+  const int64_t F = static_cast<int64_t>(distinct.size()), D = b.D;
   int64_t n = 0;
   for (int64_t r = c.r0; r < c.r1; ++r) n += b.len[r];
-  // one part per 64K elements at most: small chunks stay on one thread
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), U, n * w >> 16}));
-  at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
+  // parts per table: the threads shared out, one for chunks of less than 64K elements
+  const int64_t per_table =
+      (n * D >> 16) == 0 ? 1 : std::max<int64_t>(1, (at::get_num_threads() + F - 1) / F);
+  const T* g = gk.data_ptr<T>();
+  at::parallel_for(0, F * per_table, (n * D >> 16) == 0 ? F * per_table : 1, [&](int64_t lo, int64_t hi) {
     for (int64_t part = lo; part < hi; ++part) {
-      const int64_t u0 = U * part / parts, u1 = U * (part + 1) / parts;
+      const int64_t f = part / per_table, sub = part % per_table;
+      const int64_t U = distinct[f].ids.numel();
+      const int64_t u0 = U * sub / per_table, u1 = U * (sub + 1) / per_table;
+      if (u0 == u1) continue;
+      const int64_t w = b.width[f], col = b.col[f];
+      const int32_t* inv = distinct[f].inv.data_ptr<int32_t>();
+      T* val = values[f].data_ptr<T>();
       for (int64_t r = c.r0; r < c.r1; ++r) {
         const int64_t local = b.start[r] - c.p0;
+        const int32_t* iv = inv + b.start[r];
         for (int64_t t = 0; t < b.len[r]; ++t) {
-          const int64_t u = inv[b.start[r] + t];
+          // the rows are scattered over the table: fetch a few positions ahead
+          if (t + kAhead < b.len[r]) __builtin_prefetch(val + int64_t(iv[t + kAhead]) * w, 1);
+          const int64_t u = iv[t];
           if (u < u0 || u >= u1) continue;
           const T* __restrict src = g + (local + t) * D + col;
           T* __restrict dst = val + u * w;
+#pragma omp simd
           for (int64_t k = 0; k < w; ++k) dst[k] += src[k];
         }
       }
@@ -425,9 +457,8 @@ EmbGradTuple backward_over_chunks(const char* op, const Batch& b, const at::Tens
     const GradTuple g = chunk_backward(c);
     gq.narrow(0, c.r0, c.r1 - c.r0).copy_(std::get<0>(g));
     const at::Tensor gk = std::get<1>(g).to(acc).contiguous();
-    for (size_t f = 0; f < F; ++f)
-      AT_DISPATCH_FLOATING_TYPES(acc, "embedding_attention_pooling_backward",
-                                 [&] { add_key_grads<scalar_t>(b, c, f, distinct[f], gk, values[f]); });
+    AT_DISPATCH_FLOATING_TYPES(acc, "embedding_attention_pooling_backward",
+                               [&] { add_key_grads<scalar_t>(b, c, distinct, gk, values); });
     sums.add(g, acc);
   }
   std::vector<at::Tensor> indices;
