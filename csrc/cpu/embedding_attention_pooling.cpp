@@ -320,9 +320,10 @@ Distinct distinct_ids(const Batch& b, size_t f, int64_t padding_idx) {
     });
   };
   // Marking the ids present in an [E] array and numbering them in order costs a few passes
-  // over 4E bytes; sorting costs N log N. The array wins up to tables of some 16M rows (and
-  // beyond, for batches not much smaller than the table).
-  if (E <= std::max<int64_t>(int64_t(1) << 24, 32 * nvalid)) {
+  // over 4E bytes; sorting the batch's N ids costs some N log N steps: the array for tables up
+  // to a few times N log N rows.
+  const int64_t log_n = 64 - __builtin_clzll(static_cast<unsigned long long>(nvalid) | 1);
+  if (E <= 4096 || E <= 8 * nvalid * log_n) {
     at::Tensor slot_t = at::zeros({E}, at::kInt);
     int32_t* slot = slot_t.data_ptr<int32_t>();
     for (int64_t r = 0; r < b.B; ++r)
