@@ -7,7 +7,9 @@ Models (paper sections 4-6): ``base`` (BaseModel: sum pooling), ``din`` (attenti
 PReLU MLP), ``din_dice`` (Dice MLP), ``din_mba`` (MBA regularization of the embeddings),
 ``din_dice_mba``. Each trains twice from the same seed on the same data order: ``eager`` (the
 attention unit and Dice in plain PyTorch, ``torch.optim.Adagrad`` with the MBA term added to the
-sparse gradients in PyTorch) and ``din_ops`` (the fused ops, ``din_ops.optim.MBAAdagrad``). The
+sparse gradients in PyTorch) and ``din_ops`` (the fused ops, the history's lookups fused into the
+attention, ``din_ops.optim.MBAAdagrad``); ``--backends din_ops-lookups din_ops`` compares the
+lookups + ``attention_pooling`` with the fused ``embedding_attention_pooling``. The
 backends train in lock-step (each batch goes through both models in turn), so a busy machine
 slows them alike; each is timed on its own steps. Test AUC, GAUC (paper eq. 5.1) and training
 examples/second go to a Markdown table (``examples/results/ml100k.md``).
@@ -42,6 +44,8 @@ try:
 except ImportError:  # progress bar is optional
     tqdm = None
 
+LOOKUPS = "din_ops-lookups"  # a backend of this script only (see --backends)
+
 MODELS = {
     # name: (class, mlp activation, MBA)
     "base": ("BaseModel", "prelu", False),
@@ -58,7 +62,11 @@ INPUTS = ("users", "items", "categories", "hist_items", "hist_categories", "leng
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--backends", nargs="+", default=["eager", "din_ops"], choices=list(din_ops.models.BACKENDS))
+    p.add_argument("--backends", nargs="+", default=["eager", "din_ops"],
+                   choices=list(din_ops.models.BACKENDS) + [LOOKUPS],
+                   help=f"{LOOKUPS}: din_ops with the history looked up by nn.Embedding, then "
+                        "din_ops.attention_pooling (no fused lookups), to measure what "
+                        "embedding_attention_pooling adds")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=512, help="global batch (split across processes)")
     p.add_argument("--lr", type=float, default=0.1)
@@ -81,8 +89,11 @@ def parse_args(argv=None):
 def build(name, backend, data, args):
     cls_name, mlp_act, _ = MODELS[name]
     cls = getattr(din_ops.models, cls_name)
-    return cls(data.num_items, data.num_categories, data.user_fields, embed_dim=args.embed_dim,
-               mlp_activation=mlp_act, backend=backend)
+    model = cls(data.num_items, data.num_categories, data.user_fields, embed_dim=args.embed_dim,
+                mlp_activation=mlp_act, backend="din_ops" if backend == LOOKUPS else backend)
+    if backend == LOOKUPS:  # the history through nn.Embedding lookups and attention_pooling
+        object.__setattr__(model, "_history_pooling", None)
+    return model
 
 
 def mba_gradient_(model, lam, freqs):
@@ -105,7 +116,7 @@ def make_optimizer(model, backend, mba, args, freqs):
     groups = [{"params": [p for p in model.parameters() if id(p) in tables]},
               {"params": [p for p in model.parameters() if id(p) not in tables],
                "lr": args.dense_lr}]
-    if backend == "din_ops":
+    if backend in ("din_ops", LOOKUPS):
         return din_ops.optim.MBAAdagrad(groups, lr=args.lr, lam=lam, frequencies=freqs,
                                         padding_idx=din_ops.optim.embedding_padding(model))
     return torch.optim.Adagrad(groups, lr=args.lr)
@@ -226,8 +237,10 @@ def write_table(results, args, data, world, path):
             if r is None:
                 continue
             speed = ""
-            if backend == "din_ops" and (name, "eager") in by:
+            if backend != "eager" and (name, "eager") in by:
                 speed = f"{r['examples_per_s'] / by[(name, 'eager')]['examples_per_s']:.2f}x"
+            elif backend == "din_ops" and (name, LOOKUPS) in by:
+                speed = f"{r['examples_per_s'] / by[(name, LOOKUPS)]['examples_per_s']:.2f}x vs {LOOKUPS}"
             lines.append(f"| {LABELS[name]} | {backend} | {r['auc']:.4f} | {r['gauc']:.4f} | {r['logloss']:.4f} "
                          f"| {r['examples_per_s']:,.0f} | {speed} |")
     diffs = [(n, by[(n, 'din_ops')]['auc'] - by[(n, 'eager')]['auc']) for n in args.models
