@@ -11,6 +11,7 @@
 
 #include <array>
 #include <tuple>
+#include <utility>
 
 namespace din_ops {
 namespace {
@@ -105,18 +106,23 @@ variable_list forward_order(const std::vector<std::optional<Tensor>>& g, size_t 
   return out;
 }
 
+// Moves the kLists parameter-gradient lists of a fused backward's result, tuple elements
+// First.., onto out.
+template <size_t First, typename Tuple, typename Out, size_t... I>
+void append_lists(Tuple& t, Out& out, std::index_sequence<I...>) {
+  (..., [&](std::vector<Tensor>& v) {
+    for (Tensor& x : v) out.emplace_back(std::move(x));
+  }(std::get<First + I>(t)));
+}
+
+template <size_t First, typename Tuple, typename Out>
+void append_lists(Tuple& t, Out& out) {
+  append_lists<First>(t, out, std::make_index_sequence<kLists>());
+}
+
 std::vector<std::optional<Tensor>> fused_order(GradTuple&& t) {
   std::vector<std::optional<Tensor>> g{std::get<0>(t), std::get<1>(t)};
-  auto add = [&](std::vector<Tensor>& v) {
-    for (Tensor& x : v) g.emplace_back(std::move(x));
-  };
-  add(std::get<2>(t));
-  add(std::get<3>(t));
-  add(std::get<4>(t));
-  add(std::get<5>(t));
-  add(std::get<6>(t));
-  add(std::get<7>(t));
-  add(std::get<8>(t));
+  append_lists<2>(t, g);
   return g;
 }
 
@@ -352,16 +358,7 @@ variable_list emb_forward_order(EmbGradTuple&& t, const EmbSaved& s, size_t n_op
     out.push_back(at::_sparse_coo_tensor_unsafe(idx[f].unsqueeze(0), val[f], s.tables[f].sizes(),
                                                 val[f].options().layout(at::kSparse), /*is_coalesced=*/true));
   out.resize(out.size() + s.ids.size() + 3);  // ids, lengths, offsets, padding_idx: none
-  auto add = [&](std::vector<Tensor>& v) {
-    for (Tensor& x : v) out.push_back(std::move(x));
-  };
-  add(std::get<3>(t));
-  add(std::get<4>(t));
-  add(std::get<5>(t));
-  add(std::get<6>(t));
-  add(std::get<7>(t));
-  add(std::get<8>(t));
-  add(std::get<9>(t));
+  append_lists<3>(t, out);
   out.resize(out.size() + n_options);
   return out;
 }

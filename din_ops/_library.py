@@ -37,6 +37,27 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def config_context(config, name: str):
+    """``configure(**fields)`` for a kernel module's dataclass ``config``: a context manager that
+    sets the fields (an unknown one raises) and restores them on exit (tests, tuning)."""
+
+    @contextlib.contextmanager
+    def configure(**kwargs):
+        old = {k: getattr(config, k) for k in kwargs}
+        for k, v in kwargs.items():
+            if not hasattr(config, k):
+                raise AttributeError(f"unknown {name} config field {k!r}")
+            setattr(config, k, v)
+        try:
+            yield config
+        finally:
+            for k, v in old.items():
+                setattr(config, k, v)
+
+    configure.__doc__ = f"Temporarily changes ``CONFIG`` fields of {name} (tests, tuning)."
+    return configure
+
+
 def register_triton(name: str):
     """Decorator: ``fn`` implements ``din_ops::<name>`` with Triton; it serves CUDA tensors."""
 

@@ -657,7 +657,9 @@ AccInputs acc_inputs(const at::Tensor& query, const at::Tensor& keys) {
   return {query.to(s).contiguous(), keys.to(s).contiguous()};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_pooling_cpu(
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_pooling_kernel(
     const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& offsets, at::TensorList weights, at::TensorList biases,
     at::TensorList act_weights, at::TensorList norm_mean, at::TensorList norm_var, at::TensorList norm_weight,
@@ -697,6 +699,8 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_cpu(
 
 // ---------------------------------------------------------------------------------------------
 // backward (shared by both heads)
+namespace {
+
 
 // Reduces the per-range buffers in range order and cuts the result into the gradient tensors.
 template <typename T>
@@ -730,7 +734,9 @@ GradTuple finish_grads(const Mlp<T>& m, const GradLayout& lay, const std::vector
   return {gq.view(query.sizes()).to(dt), gk.view(keys.sizes()).to(dt), gW, gb, ga, gmean, gvar, ggamma, gbeta};
 }
 
-GradTuple attention_pooling_backward_cpu(
+}  // namespace
+
+GradTuple attention_pooling_backward_kernel(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_attn, const at::Tensor& attn,
     const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& offsets, at::TensorList weights, at::TensorList biases,
@@ -799,7 +805,7 @@ GradTuple attention_pooling_backward_cpu(
 
 // ---------------------------------------------------------------------------------------------
 // stats head: mean and biased variance of the last layer's pre-activation over valid pairs
-std::tuple<at::Tensor, at::Tensor> attention_pooling_stats_cpu(
+std::tuple<at::Tensor, at::Tensor> attention_pooling_stats_kernel(
     const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& offsets, at::TensorList weights, at::TensorList biases,
     at::TensorList act_weights, at::TensorList norm_mean, at::TensorList norm_var, at::TensorList norm_weight,
@@ -870,7 +876,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_stats_cpu(
   return {mean, var};
 }
 
-GradTuple attention_pooling_stats_backward_cpu(
+GradTuple attention_pooling_stats_backward_kernel(
     const at::Tensor& grad_mean, const at::Tensor& grad_var, const at::Tensor& mean, const at::Tensor& query,
     const at::Tensor& keys, const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& offsets,
     at::TensorList weights, at::TensorList biases, at::TensorList act_weights, at::TensorList norm_mean,
@@ -923,6 +929,8 @@ GradTuple attention_pooling_stats_backward_cpu(
   return result;
 }
 
+namespace {
+
 // The forward ops' schemas take the lists that may be empty as Tensor[]?, None meaning empty.
 using OptTensorList = std::optional<at::TensorList>;
 at::TensorList or_empty(const OptTensorList& l) { return l.value_or(at::TensorList()); }
@@ -933,7 +941,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_op(
     OptTensorList act_weights, OptTensorList norm_mean, OptTensorList norm_var, OptTensorList norm_weight,
     OptTensorList norm_bias, c10::string_view activation, c10::string_view normalization, double scale,
     double eps) {
-  return attention_pooling_cpu(query, keys, lengths, offsets, weights, biases, or_empty(act_weights),
+  return attention_pooling_kernel(query, keys, lengths, offsets, weights, biases, or_empty(act_weights),
                                or_empty(norm_mean), or_empty(norm_var), or_empty(norm_weight), or_empty(norm_bias),
                                activation, normalization, scale, eps);
 }
@@ -943,60 +951,18 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_stats_op(
     const std::optional<at::Tensor>& offsets, at::TensorList weights, at::TensorList biases,
     OptTensorList act_weights, OptTensorList norm_mean, OptTensorList norm_var, OptTensorList norm_weight,
     OptTensorList norm_bias, c10::string_view activation, double eps) {
-  return attention_pooling_stats_cpu(query, keys, lengths, offsets, weights, biases, or_empty(act_weights),
+  return attention_pooling_stats_kernel(query, keys, lengths, offsets, weights, biases, or_empty(act_weights),
                                      or_empty(norm_mean), or_empty(norm_var), or_empty(norm_weight),
                                      or_empty(norm_bias), activation, eps);
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_pooling_kernel(
-    const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& offsets, at::TensorList weights, at::TensorList biases,
-    at::TensorList act_weights, at::TensorList norm_mean, at::TensorList norm_var, at::TensorList norm_weight,
-    at::TensorList norm_bias, c10::string_view activation, c10::string_view normalization, double scale,
-    double eps) {
-  return attention_pooling_cpu(query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var,
-                               norm_weight, norm_bias, activation, normalization, scale, eps);
-}
-
-GradTuple attention_pooling_backward_kernel(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_attn, const at::Tensor& attn,
-    const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& offsets, at::TensorList weights, at::TensorList biases,
-    at::TensorList act_weights, at::TensorList norm_mean, at::TensorList norm_var, at::TensorList norm_weight,
-    at::TensorList norm_bias, c10::string_view activation, c10::string_view normalization, double scale,
-    double eps) {
-  return attention_pooling_backward_cpu(grad_out, grad_attn, attn, query, keys, lengths, offsets, weights, biases,
-                                        act_weights, norm_mean, norm_var, norm_weight, norm_bias, activation,
-                                        normalization, scale, eps);
-}
-
-std::tuple<at::Tensor, at::Tensor> attention_pooling_stats_kernel(
-    const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& lengths,
-    const std::optional<at::Tensor>& offsets, at::TensorList weights, at::TensorList biases,
-    at::TensorList act_weights, at::TensorList norm_mean, at::TensorList norm_var, at::TensorList norm_weight,
-    at::TensorList norm_bias, c10::string_view activation, double eps) {
-  return attention_pooling_stats_cpu(query, keys, lengths, offsets, weights, biases, act_weights, norm_mean,
-                                     norm_var, norm_weight, norm_bias, activation, eps);
-}
-
-GradTuple attention_pooling_stats_backward_kernel(
-    const at::Tensor& grad_mean, const at::Tensor& grad_var, const at::Tensor& mean, const at::Tensor& query,
-    const at::Tensor& keys, const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& offsets,
-    at::TensorList weights, at::TensorList biases, at::TensorList act_weights, at::TensorList norm_mean,
-    at::TensorList norm_var, at::TensorList norm_weight, at::TensorList norm_bias, c10::string_view activation,
-    double eps) {
-  return attention_pooling_stats_backward_cpu(grad_mean, grad_var, mean, query, keys, lengths, offsets, weights,
-                                              biases, act_weights, norm_mean, norm_var, norm_weight, norm_bias,
-                                              activation, eps);
-}
-
 TORCH_LIBRARY_IMPL(din_ops, CPU, m) {
   m.impl("attention_pooling", &attention_pooling_op);
-  m.impl("attention_pooling_backward", &attention_pooling_backward_cpu);
+  m.impl("attention_pooling_backward", &attention_pooling_backward_kernel);
   m.impl("attention_pooling_stats", &attention_pooling_stats_op);
-  m.impl("attention_pooling_stats_backward", &attention_pooling_stats_backward_cpu);
+  m.impl("attention_pooling_stats_backward", &attention_pooling_stats_backward_kernel);
 }
 
 }  // namespace cpu

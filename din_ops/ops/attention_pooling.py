@@ -362,6 +362,63 @@ def _valid_count(keys, lengths, C):
     return lengths.sum().to(torch.float64) * C
 
 
+def unit_lists(query, keys, lengths, offsets, weights, biases, activation, normalization, prelu_weights,
+               dice_alpha, dice_running_mean, dice_running_var, dice_gamma, dice_beta, training, momentum, eps,
+               stats, before_kernels=None):
+    """The forward ops' lists ``(act_weights, norm_mean, norm_var, norm_weight, norm_bias)`` from the
+    public functions' arguments, every argument checked first (``keys`` may be a stand-in of the
+    right shape). Dice in training takes each hidden layer's batch statistics from
+    ``stats(weights[:l+1], biases[:l+1], *lists of the layers below)`` and updates the running
+    statistics in place. ``before_kernels()`` runs once the arguments are checked, before any
+    kernel (more value checks)."""
+    n_hidden = len(weights) - 1
+    act_weights: List[torch.Tensor] = []
+    norm_mean: List[torch.Tensor] = []
+    norm_var: List[torch.Tensor] = []
+    norm_weight: List[torch.Tensor] = list(dice_gamma) if dice_gamma is not None else []
+    norm_bias: List[torch.Tensor] = list(dice_beta) if dice_beta is not None else []
+    if activation == "prelu":
+        if prelu_weights is None:
+            raise ValueError("activation='prelu' needs prelu_weights (one alpha tensor per hidden layer)")
+        act_weights = list(prelu_weights)
+    elif activation == "dice":
+        if dice_alpha is None:
+            raise ValueError("activation='dice' needs dice_alpha (one [H_i] tensor per hidden layer)")
+        act_weights = list(dice_alpha)
+        if not training and (dice_running_mean is None or dice_running_var is None):
+            raise ValueError("activation='dice' in eval mode needs dice_running_mean and dice_running_var")
+    acc = _acc_dtype(query.dtype)
+
+    if activation == "dice" and training:
+        # validate once with placeholder statistics, then build them layer by layer
+        placeholder = [torch.zeros(w.shape[0], dtype=acc, device=query.device) for w in weights[:n_hidden]]
+        _, C, _, _, _ = check_attention_pooling_args(
+            query, keys, lengths, offsets, weights, biases, act_weights, placeholder, placeholder,
+            norm_weight, norm_bias, activation, normalization)
+        if before_kernels is not None:
+            before_kernels()
+        for layer in range(n_hidden):
+            mean, var = stats(weights[: layer + 1], biases[: layer + 1],
+                              *optional_lists(act_weights[:layer], norm_mean, norm_var, norm_weight[:layer],
+                                              norm_bias[:layer]))
+            norm_mean.append(mean)
+            norm_var.append(var)
+        if dice_running_mean is not None and dice_running_var is not None and n_hidden:
+            n = _valid_count(keys, lengths, C)
+            for rm, rv, mean, var in zip(dice_running_mean, dice_running_var, norm_mean, norm_var):
+                lib.update_running_stats(rm, rv, mean.detach(), var.detach(), n, momentum)
+    else:
+        if activation == "dice":
+            norm_mean = [t.to(acc) for t in dice_running_mean]
+            norm_var = [t.to(acc) for t in dice_running_var]
+        check_attention_pooling_args(
+            query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var,
+            norm_weight, norm_bias, activation, normalization)
+        if before_kernels is not None:
+            before_kernels()
+    return act_weights, norm_mean, norm_var, norm_weight, norm_bias
+
+
 def attention_pooling(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -439,53 +496,14 @@ def attention_pooling(
             None if t is None else lib.autocast_to(list(t), cast)
             for t in (prelu_weights, dice_alpha, dice_gamma, dice_beta))
     weights, biases = list(weights), list(biases)
-    n_hidden = len(weights) - 1
-    act_weights: List[torch.Tensor] = []
-    norm_mean: List[torch.Tensor] = []
-    norm_var: List[torch.Tensor] = []
-    norm_weight: List[torch.Tensor] = list(dice_gamma) if dice_gamma is not None else []
-    norm_bias: List[torch.Tensor] = list(dice_beta) if dice_beta is not None else []
-    if activation == "prelu":
-        if prelu_weights is None:
-            raise ValueError("activation='prelu' needs prelu_weights (one alpha tensor per hidden layer)")
-        act_weights = list(prelu_weights)
-    elif activation == "dice":
-        if dice_alpha is None:
-            raise ValueError("activation='dice' needs dice_alpha (one [H_i] tensor per hidden layer)")
-        act_weights = list(dice_alpha)
-        if not training and (dice_running_mean is None or dice_running_var is None):
-            raise ValueError("activation='dice' in eval mode needs dice_running_mean and dice_running_var")
-    acc = _acc_dtype(query.dtype)
+    lists = unit_lists(
+        query, keys, lengths, offsets, weights, biases, activation, normalization, prelu_weights, dice_alpha,
+        dice_running_mean, dice_running_var, dice_gamma, dice_beta, training, momentum, eps,
+        lambda w, b, *layer_lists: _ops.attention_pooling_stats(query, keys, lengths, offsets, w, b,
+                                                                *layer_lists, activation, eps))
 
-    if activation == "dice" and training:
-        # validate once with placeholder statistics, then build them layer by layer
-        placeholder = [torch.zeros(w.shape[0], dtype=acc, device=query.device) for w in weights[:n_hidden]]
-        B, C, D, _, _ = check_attention_pooling_args(
-            query, keys, lengths, offsets, weights, biases, act_weights, placeholder, placeholder,
-            norm_weight, norm_bias, activation, normalization)
-        for layer in range(n_hidden):
-            mean, var = _ops.attention_pooling_stats(
-                query, keys, lengths, offsets, weights[: layer + 1], biases[: layer + 1],
-                *optional_lists(act_weights[:layer], norm_mean, norm_var, norm_weight[:layer],
-                                norm_bias[:layer]), activation, eps)
-            norm_mean.append(mean)
-            norm_var.append(var)
-        if dice_running_mean is not None and dice_running_var is not None and n_hidden:
-            n = _valid_count(keys, lengths, C)
-            for rm, rv, mean, var in zip(dice_running_mean, dice_running_var, norm_mean, norm_var):
-                lib.update_running_stats(rm, rv, mean.detach(), var.detach(), n, momentum)
-    else:
-        if activation == "dice":
-            norm_mean = [t.to(acc) for t in dice_running_mean]
-            norm_var = [t.to(acc) for t in dice_running_var]
-        check_attention_pooling_args(
-            query, keys, lengths, offsets, weights, biases, act_weights, norm_mean, norm_var,
-            norm_weight, norm_bias, activation, normalization)
-
-    out, attn = _ops.attention_pooling(
-        query, keys, lengths, offsets, weights, biases,
-        *optional_lists(act_weights, norm_mean, norm_var, norm_weight, norm_bias), activation,
-        normalization, float(scale), float(eps))
+    out, attn = _ops.attention_pooling(query, keys, lengths, offsets, weights, biases, *optional_lists(*lists),
+                                       activation, normalization, float(scale), float(eps))
     return (out, attn) if return_weights else out
 
 

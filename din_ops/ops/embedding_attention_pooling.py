@@ -21,8 +21,8 @@ from typing import List, Optional, Sequence
 import torch
 
 from .. import _library as lib
-from .attention_pooling import (_acc_dtype, _check_tensor_list, _like, _valid_count, check_attention_pooling_args,
-                                check_attention_pooling_options, optional_lists)
+from .attention_pooling import (_acc_dtype, _check_tensor_list, _like, check_attention_pooling_options,
+                                optional_lists, unit_lists)
 
 _ops = torch.ops.din_ops
 
@@ -258,51 +258,14 @@ def embedding_attention_pooling(
     tables, ids, keys = check_embedding_inputs(query, tables, ids, lengths, offsets)
     pads = padding_list(padding_idx, tables)
     weights, biases = list(weights), list(biases)
-    n_hidden = len(weights) - 1
-    act_weights: List[torch.Tensor] = []
-    norm_mean: List[torch.Tensor] = []
-    norm_var: List[torch.Tensor] = []
-    norm_weight: List[torch.Tensor] = list(dice_gamma) if dice_gamma is not None else []
-    norm_bias: List[torch.Tensor] = list(dice_beta) if dice_beta is not None else []
-    if activation == "prelu":
-        if prelu_weights is None:
-            raise ValueError("activation='prelu' needs prelu_weights (one alpha tensor per hidden layer)")
-        act_weights = list(prelu_weights)
-    elif activation == "dice":
-        if dice_alpha is None:
-            raise ValueError("activation='dice' needs dice_alpha (one [H_i] tensor per hidden layer)")
-        act_weights = list(dice_alpha)
-        if not training and (dice_running_mean is None or dice_running_var is None):
-            raise ValueError("activation='dice' in eval mode needs dice_running_mean and dice_running_var")
-    acc = _acc_dtype(query.dtype)
+    lists = unit_lists(
+        query, keys, lengths, offsets, weights, biases, activation, normalization, prelu_weights, dice_alpha,
+        dice_running_mean, dice_running_var, dice_gamma, dice_beta, training, momentum, eps,
+        lambda w, b, *layer_lists: _ops.embedding_attention_pooling_stats(query, tables, ids, lengths, offsets,
+                                                                          pads, w, b, *layer_lists, activation, eps),
+        before_kernels=lambda: check_id_values(tables, ids, lengths, offsets))
 
-    if activation == "dice" and training:
-        placeholder = [torch.zeros(w.shape[0], dtype=acc, device=query.device) for w in weights[:n_hidden]]
-        _, C, _, _, _ = check_attention_pooling_args(
-            query, keys, lengths, offsets, weights, biases, act_weights, placeholder, placeholder,
-            norm_weight, norm_bias, activation, normalization)
-        check_id_values(tables, ids, lengths, offsets)
-        for layer in range(n_hidden):
-            mean, var = _ops.embedding_attention_pooling_stats(
-                query, tables, ids, lengths, offsets, pads, weights[: layer + 1], biases[: layer + 1],
-                *optional_lists(act_weights[:layer], norm_mean, norm_var, norm_weight[:layer], norm_bias[:layer]),
-                activation, eps)
-            norm_mean.append(mean)
-            norm_var.append(var)
-        if dice_running_mean is not None and dice_running_var is not None and n_hidden:
-            n = _valid_count(keys, lengths, C)
-            for rm, rv, mean, var in zip(dice_running_mean, dice_running_var, norm_mean, norm_var):
-                lib.update_running_stats(rm, rv, mean.detach(), var.detach(), n, momentum)
-    else:
-        if activation == "dice":
-            norm_mean = [t.to(acc) for t in dice_running_mean]
-            norm_var = [t.to(acc) for t in dice_running_var]
-        check_attention_pooling_args(query, keys, lengths, offsets, weights, biases, act_weights, norm_mean,
-                                     norm_var, norm_weight, norm_bias, activation, normalization)
-        check_id_values(tables, ids, lengths, offsets)
-
-    out, attn = _ops.embedding_attention_pooling(
-        query, tables, ids, lengths, offsets, pads, weights, biases,
-        *optional_lists(act_weights, norm_mean, norm_var, norm_weight, norm_bias), activation, normalization,
-        float(scale), float(eps))
+    out, attn = _ops.embedding_attention_pooling(query, tables, ids, lengths, offsets, pads, weights, biases,
+                                                 *optional_lists(*lists), activation, normalization, float(scale),
+                                                 float(eps))
     return (out, attn) if return_weights else out

@@ -80,7 +80,6 @@ bench/tune_attention_pooling_triton.py sweeps them (and measures the error) on o
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import struct
@@ -91,7 +90,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .._library import assert_async, register_triton, triton_interpret, value_check_mode
+from .._library import assert_async, config_context, register_triton, triton_interpret, value_check_mode
 
 _ACT = {"sigmoid": 0, "relu": 1, "identity": 2, "prelu": 3, "dice": 4}
 MAX_HIDDEN = 4
@@ -118,19 +117,7 @@ class _Config:
 CONFIG = _Config()
 
 
-@contextlib.contextmanager
-def configure(**kwargs):
-    """Temporarily changes ``CONFIG`` fields (tests, tuning)."""
-    old = {k: getattr(CONFIG, k) for k in kwargs}
-    for k, v in kwargs.items():
-        if not hasattr(CONFIG, k):
-            raise AttributeError(f"unknown attention_pooling config field {k!r}")
-        setattr(CONFIG, k, v)
-    try:
-        yield CONFIG
-    finally:
-        for k, v in old.items():
-            setattr(CONFIG, k, v)
+configure = config_context(CONFIG, "attention_pooling")
 
 
 # ------------------------------------------------------------------------------------------------

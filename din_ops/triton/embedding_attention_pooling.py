@@ -48,14 +48,13 @@ written out of bounds).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
 import triton
 import triton.language as tl
 
-from .._library import register_triton
+from .._library import config_context, register_triton
 from . import attention_pooling as _ap
 
 
@@ -69,19 +68,7 @@ class _Config:
 CONFIG = _Config()
 
 
-@contextlib.contextmanager
-def configure(**kwargs):
-    """Temporarily changes ``CONFIG`` fields (tests, tuning)."""
-    old = {k: getattr(CONFIG, k) for k in kwargs}
-    for k, v in kwargs.items():
-        if not hasattr(CONFIG, k):
-            raise AttributeError(f"unknown embedding_attention_pooling config field {k!r}")
-        setattr(CONFIG, k, v)
-    try:
-        yield CONFIG
-    finally:
-        for k, v in old.items():
-            setattr(CONFIG, k, v)
+configure = config_context(CONFIG, "embedding_attention_pooling")
 
 
 # ------------------------------------------------------------------------------------------------
