@@ -50,9 +50,63 @@ inline T sigmoid(T x) {
   return T(1) / (T(1) + fast_exp<KeepNaN>(-x));
 }
 
-// Folded layer 0 for one (row, candidate): Abc = (Wk - Wd) + Wp diag(q), cbc = (Wq + Wd) q + b0.
+// C[M, N] = op(A) B (+ C when accumulate): A [M, K] row-major (lda), or stored as [K, M] when
+// trans_a; B row-major [K, N]. The AVX-512 float build runs it in gemm512.h's register blocks,
+// the others through gemm_rm.
 template <typename T>
-void fold_layer0(const Mlp<T>& m, const T* __restrict q, T* __restrict Abc, T* __restrict cbc) {
+void mm(bool trans_a, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+        int64_t ldc, bool accumulate) {
+#ifdef AP_V512
+  if constexpr (std::is_same_v<T, float>) {
+    return gemm512::gemm(M, N, K, A, trans_a ? 1 : lda, trans_a ? lda : 1, B, ldb, C, ldc,
+                         accumulate ? gemm512::Init::kC : gemm512::Init::kZero);
+  }
+#endif
+  gemm_rm<T>(trans_a, false, M, N, K, T(1), A, lda, B, ldb, accumulate ? T(1) : T(0), C, ldc);
+}
+
+// C[M, N] = bias + A B for every row (bias [N]), A row-major.
+template <typename T>
+void mm_bias(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, const T* bias,
+             T* C, int64_t ldc) {
+#ifdef AP_V512
+  if constexpr (std::is_same_v<T, float>) {
+    return gemm512::gemm(M, N, K, A, lda, 1, B, ldb, C, ldc, gemm512::Init::kBias, bias);
+  }
+#endif
+  for (int64_t i = 0; i < M; ++i) std::memcpy(C + i * ldc, bias, N * sizeof(T));
+  gemm_rm<T>(false, false, M, N, K, T(1), A, lda, B, ldb, T(1), C, ldc);
+}
+
+// The forward's folded layer 0 for one (row, candidate), transposed for mm: AbcT [D, H0].
+template <typename T>
+void fold_layer0_t(const Mlp<T>& m, const T* __restrict q, T* __restrict AbcT) {
+  const int64_t H0 = m.H[0], D = m.D;
+  for (int64_t d = 0; d < D; ++d) {
+    const T* __restrict wkd = m.WkdT.data() + d * H0;
+    const T* __restrict wp = m.WpT.data() + d * H0;
+    T* __restrict a = AbcT + d * H0;
+    const T qd = q[d];
+    for (int64_t h = 0; h < H0; ++h) a[h] = wkd[h] + wp[h] * qd;
+  }
+}
+
+// cbc = (Wq + Wd) q + b0 for one (row, candidate), accumulated over d with h innermost.
+template <typename T>
+void fold_bias0(const Mlp<T>& m, const T* __restrict q, T* __restrict cbc) {
+  const int64_t H0 = m.H[0], D = m.D;
+  const T* __restrict WqdT = m.WqdT.data();
+  std::memcpy(cbc, m.bias(0), H0 * sizeof(T));
+  for (int64_t d = 0; d < D; ++d) {
+    const T qd = q[d];
+    const T* __restrict w = WqdT + d * H0;
+    for (int64_t h = 0; h < H0; ++h) cbc[h] += w[h] * qd;
+  }
+}
+
+// The backward's folded layer 0 for one (row, candidate): Abc = (Wk - Wd) + Wp diag(q) [H0, D].
+template <typename T>
+void fold_layer0(const Mlp<T>& m, const T* __restrict q, T* __restrict Abc) {
   const int64_t H0 = m.H[0], D = m.D;
   const T* Wkd = m.Wkd.data();
   for (int64_t h = 0; h < H0; ++h) {
@@ -60,15 +114,6 @@ void fold_layer0(const Mlp<T>& m, const T* __restrict q, T* __restrict Abc, T* _
     const T* __restrict wkd = Wkd + h * D;
     T* __restrict a = Abc + h * D;
     for (int64_t d = 0; d < D; ++d) a[d] = wkd[d] + wp[d] * q[d];
-  }
-  if (cbc == nullptr) return;
-  // cbc = b0 + (Wq + Wd) q, accumulated over d with h innermost so it vectorizes
-  const T* __restrict WqdT = m.WqdT.data();
-  std::memcpy(cbc, m.bias(0), H0 * sizeof(T));
-  for (int64_t d = 0; d < D; ++d) {
-    const T qd = q[d];
-    const T* __restrict w = WqdT + d * H0;
-    for (int64_t h = 0; h < H0; ++h) cbc[h] += w[h] * qd;
   }
 }
 
@@ -341,11 +386,10 @@ void layer0_folded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspac
   T* Z0 = ws.Z[0].data();
   for (const Segment& s : ws.segs) {
     const T* q = in.q + (s.b * r.C + s.c) * D;
-    fold_layer0(m, q, ws.Abc.data(), ws.cbc.data());
-    T* z = Z0 + s.off * H0;
+    fold_layer0_t(m, q, ws.Abc.data());
+    fold_bias0(m, q, ws.cbc.data());
     const T* k = in.k + (r.start[s.b] + s.t0) * D;
-    for (int64_t i = 0; i < s.n; ++i) std::memcpy(z + i * H0, ws.cbc.data(), H0 * sizeof(T));
-    gemm_rm<T>(false, true, s.n, H0, D, T(1), k, D, ws.Abc.data(), D, T(1), z, H0);
+    mm_bias<T>(s.n, H0, D, k, D, ws.Abc.data(), H0, ws.cbc.data(), Z0 + s.off * H0, H0);
   }
 }
 
@@ -361,8 +405,7 @@ void layer0_unfolded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Worksp
     std::memcpy(Qs + j * D, in.q + (s.b * r.C + s.c) * D, D * sizeof(T));
   }
   T* Cs = ws.Cs.data();
-  for (int64_t j = 0; j < S; ++j) std::memcpy(Cs + j * H0, m.bias(0), H0 * sizeof(T));
-  gemm_rm<T>(false, true, S, H0, D, T(1), Qs, D, m.Wqd.data(), D, T(1), Cs, H0);
+  mm_bias<T>(S, H0, D, Qs, D, m.WqdT.data(), H0, m.bias(0), Cs, H0);
   T* Z0 = ws.Z[0].data();
   T* X = ws.X.data();
   // bf16 X goes straight into Xl below when the backward does not need it in float
@@ -415,7 +458,7 @@ void layer0_unfolded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Worksp
     }
     if (m.lowp != at::ScalarType::Undefined) return lowp_layer(m, 0, X, ws.M, 2 * D, ws.Xl.data(), Z0, H0);
   }
-  gemm_rm<T>(false, true, ws.M, H0, 2 * D, T(1), X, 2 * D, m.W01.data(), 2 * D, T(1), Z0, H0);
+  mm<T>(false, ws.M, H0, 2 * D, X, 2 * D, m.W01T.data(), H0, Z0, H0, true);
 }
 
 // Forward through the tile: Z[l] for every layer, A[l] for every layer but the last.
@@ -459,11 +502,11 @@ void tile_forward(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace
       const int64_t H = m.H[l], Hin = m.fan_in[l];
       T* z = ws.Z[l].data();
       const T* bl = m.bias(l);
-      for (int64_t i = 0; i < M; ++i) std::memcpy(z + i * H, bl, H * sizeof(T));
       if (m.lowp != at::ScalarType::Undefined && m.lowp_w[l].packed.defined()) {
+        for (int64_t i = 0; i < M; ++i) std::memcpy(z + i * H, bl, H * sizeof(T));
         lowp_layer(m, l, ws.A[l - 1].data(), M, Hin, ws.Al.data(), z, H);
       } else {
-        gemm_rm<T>(false, true, M, H, Hin, T(1), ws.A[l - 1].data(), Hin, m.w(l), Hin, T(1), z, H);
+        mm_bias<T>(M, H, Hin, ws.A[l - 1].data(), Hin, m.WT[l].data(), H, bl, z, H);
       }
     }
     if (l + 1 < m.L) activate(m, l, ws.Z[l].data(), ws.A[l].data(), M, ws.keep_nan);
@@ -480,12 +523,12 @@ void layer0_folded_backward(const Mlp<T>& m, const GradLayout& lay, const Rows& 
   const T* Wqd = m.Wqd.data();
   for (const Segment& s : ws.segs) {
     const T* q = in.q + (s.b * r.C + s.c) * D;
-    fold_layer0<T>(m, q, ws.Abc.data(), nullptr);
+    fold_layer0<T>(m, q, ws.Abc.data());
     const T* dzs = dz + s.off * H0;
     const int64_t p0 = r.start[s.b] + s.t0;
     // dk += dz Abc; dAbc = dz^T k; dc = sum dz
-    gemm_rm<T>(false, false, s.n, D, H0, T(1), dzs, H0, ws.Abc.data(), D, T(1), gk + p0 * D, D);
-    gemm_rm<T>(true, false, H0, D, s.n, T(1), dzs, H0, in.k + p0 * D, D, T(0), ws.dA0.data(), D);
+    mm<T>(false, s.n, D, H0, dzs, H0, ws.Abc.data(), D, gk + p0 * D, D, true);
+    mm<T>(true, H0, D, s.n, dzs, H0, in.k + p0 * D, D, ws.dA0.data(), D, false);
     T* dc = ws.dc0.data();
     std::fill(dc, dc + H0, T(0));
     for (int64_t i = 0; i < s.n; ++i)
@@ -530,12 +573,12 @@ void layer0_unfolded_backward(const Mlp<T>& m, const GradLayout& lay, const Rows
       lowp_wgrad(m, ws, dz, H0, X, 2 * D, dW01);
       lowp_dgrad(m.lowp_wb[0], m.lowp, dz, M, ws.dZl.data(), dX);
     } else {
-      gemm_rm<T>(true, false, H0, 2 * D, M, T(1), dz, H0, X, 2 * D, T(0), dW01, 2 * D);
-      gemm_rm<T>(false, false, M, 2 * D, H0, T(1), dz, H0, m.W01.data(), 2 * D, T(0), dX, 2 * D);
+      mm<T>(true, H0, 2 * D, M, dz, H0, X, 2 * D, dW01, 2 * D, false);
+      mm<T>(false, M, 2 * D, H0, dz, H0, m.W01.data(), 2 * D, dX, 2 * D, false);
     }
   } else {
-    gemm_rm<T>(true, false, H0, 2 * D, M, T(1), dz, H0, X, 2 * D, T(0), dW01, 2 * D);
-    gemm_rm<T>(false, false, M, 2 * D, H0, T(1), dz, H0, m.W01.data(), 2 * D, T(0), dX, 2 * D);
+    mm<T>(true, H0, 2 * D, M, dz, H0, X, 2 * D, dW01, 2 * D, false);
+    mm<T>(false, M, 2 * D, H0, dz, H0, m.W01.data(), 2 * D, dX, 2 * D, false);
   }
   T* dCs = ws.Cs.data();  // the forward's run terms are not needed any more
   for (int64_t j = 0; j < S; ++j) {
@@ -559,9 +602,9 @@ void layer0_unfolded_backward(const Mlp<T>& m, const GradLayout& lay, const Rows
   }
   // the run terms: dWqd = dCs^T Qs, dq += dCs Wqd, db0 += sum dCs
   T* dWqd = ws.dA0.data();
-  gemm_rm<T>(true, false, H0, D, S, T(1), dCs, H0, Qs, D, T(0), dWqd, D);
+  mm<T>(true, H0, D, S, dCs, H0, Qs, D, dWqd, D, false);
   T* dQs = ws.dQs.data();
-  gemm_rm<T>(false, false, S, D, H0, T(1), dCs, H0, m.Wqd.data(), D, T(0), dQs, D);
+  mm<T>(false, S, D, H0, dCs, H0, m.Wqd.data(), D, dQs, D, false);
   for (int64_t j = 0; j < S; ++j) {
     const Segment& s = ws.segs[j];
     T* __restrict dq = gq + (s.b * r.C + s.c) * D;
@@ -606,10 +649,10 @@ void tile_backward(const Mlp<T>& m, const GradLayout& lay, const Rows& r, const 
       if (lowp_backward(m, l)) {
         lowp_wgrad(m, ws, dz, H, ws.A[l - 1].data(), Hin, g + lay.W[l]);
       } else {
-        gemm_rm<T>(true, false, H, Hin, M, T(1), dz, H, ws.A[l - 1].data(), Hin, T(1), g + lay.W[l], Hin);
+        mm<T>(true, H, Hin, M, dz, H, ws.A[l - 1].data(), Hin, g + lay.W[l], Hin, true);
       }
     } else {
-      gemm_rm<T>(true, false, H, Hin, M, T(1), dz, H, ws.A[l - 1].data(), Hin, T(1), g + lay.W[l], Hin);
+      mm<T>(true, H, Hin, M, dz, H, ws.A[l - 1].data(), Hin, g + lay.W[l], Hin, true);
     }
     T* gb = g + lay.b[l];
     std::vector<double> sum(H, 0.0);  // in double, as in activate_backward
@@ -620,10 +663,10 @@ void tile_backward(const Mlp<T>& m, const GradLayout& lay, const Rows& r, const 
       if (lowp_backward(m, l)) {
         lowp_dgrad(m.lowp_wb[l], m.lowp, dz, M, ws.dZl.data(), dprev);
       } else {
-        gemm_rm<T>(false, false, M, Hin, H, T(1), dz, H, m.w(l), Hin, T(0), dprev, Hin);
+        mm<T>(false, M, Hin, H, dz, H, m.w(l), Hin, dprev, Hin, false);
       }
     } else {
-      gemm_rm<T>(false, false, M, Hin, H, T(1), dz, H, m.w(l), Hin, T(0), dprev, Hin);
+      mm<T>(false, M, Hin, H, dz, H, m.w(l), Hin, dprev, Hin, false);
     }
     activate_backward(m, lay, l - 1, ws.Z[l - 1].data(), ws.A[l - 1].data(), dprev, dz, M, g, ws.keep_nan);
   }

@@ -200,9 +200,11 @@ struct Mlp {
   int64_t D = 0, L = 0;
   std::vector<int64_t> H, fan_in;
   std::vector<at::Tensor> W, b;  // [H_l, fan_in_l], [H_l]
-  // Layer 0's blocks: Wkd = Wk - Wd and Wqd = Wq + Wd [H0, D], WqdT [D, H0], and
-  // W01 = [Wk - Wd | Wp] [H0, 2D] for the unfolded form of a tile of short runs.
-  std::vector<T> Wkd, Wqd, WqdT, W01;
+  // Layer 0's blocks: Wkd = Wk - Wd and Wqd = Wq + Wd [H0, D], and W01 = [Wk - Wd | Wp]
+  // [H0, 2D] for the unfolded form of a tile of short runs; the forward's products take them
+  // transposed (WkdT, WpT, WqdT [D, H0], W01T [2D, H0]), as they take WT[l] = W_l^T [fan_in, H_l].
+  std::vector<T> Wkd, Wqd, W01, WkdT, WpT, WqdT, W01T;
+  std::vector<std::vector<T>> WT;  // [L]; WT[0] empty
   const T* Wp = nullptr;         // column block 3 of W0, row stride 4D
   Act act = Act::Identity;
   std::vector<at::Tensor> alpha, mean, var, gamma, beta;
@@ -273,6 +275,9 @@ Mlp<T> make_mlp(int64_t D, at::TensorList weights, at::TensorList biases, at::Te
   m.Wqd.resize(H0 * D);
   m.WqdT.resize(D * H0);
   m.W01.resize(H0 * 2 * D);
+  m.WkdT.resize(D * H0);
+  m.WpT.resize(D * H0);
+  m.W01T.resize(2 * D * H0);
   for (int64_t h = 0; h < H0; ++h) {
     const T* row = w0 + h * 4 * D;
     for (int64_t d = 0; d < D; ++d) {
@@ -280,9 +285,21 @@ Mlp<T> make_mlp(int64_t D, at::TensorList weights, at::TensorList biases, at::Te
       m.Wkd[h * D + d] = kd;
       m.Wqd[h * D + d] = qd;
       m.WqdT[d * H0 + h] = qd;
+      m.WkdT[d * H0 + h] = kd;
+      m.WpT[d * H0 + h] = row[3 * D + d];
       m.W01[h * 2 * D + d] = kd;
       m.W01[h * 2 * D + D + d] = row[3 * D + d];
+      m.W01T[d * H0 + h] = kd;
+      m.W01T[(D + d) * H0 + h] = row[3 * D + d];
     }
+  }
+  m.WT.resize(m.L);
+  for (int64_t l = 1; l < m.L; ++l) {
+    const int64_t H = m.H[l], Hin = m.fan_in[l];
+    const T* w = m.W[l].template data_ptr<T>();
+    m.WT[l].resize(Hin * H);
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t j = 0; j < Hin; ++j) m.WT[l][j * H + h] = w[h * Hin + j];
   }
   m.Wp = w0 + 3 * D;
   if (lowp != at::ScalarType::Undefined) {
@@ -360,7 +377,7 @@ struct Segment {
 template <typename T>
 struct Workspace {
   std::vector<std::vector<T>> Z, A;
-  std::vector<T> Abc, cbc, dA0, dc0, dZ, dZprev;
+  std::vector<T> Abc, cbc, dA0, dc0, dZ, dZprev;  // Abc: [H0, D] (backward) or [D, H0] (forward)
   std::vector<T> X, Qs, Cs, dX, dW01, dQs;
   std::vector<uint16_t> Xl, Al;  // bf16/fp16 operands of the matrix unit: [kTile, Kp]
   std::vector<uint16_t> dZl;     // the backward's dZ as such an operand
@@ -460,14 +477,19 @@ struct Inputs {
 // 256-bit vectors, as -march=native picks on AVX-512 Xeons: 512-bit ones measured ~6% slower here
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=256")
 // AP_V512: the sigmoid of finite tiles in explicit 512-bit code (vec512.h: no division)
+// GCC 12 reports its own intrinsics' _mm512_undefined_ps() sources as maybe uninitialized
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 namespace isa_avx512 {
 #include "vec512.h"
+#include "gemm512.h"
 }  // namespace isa_avx512
 #define AP_V512 1
 #define AP_ISA isa_avx512
 #include "attention_kernels.h"
 #undef AP_ISA
 #undef AP_V512
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #endif
 

@@ -1,0 +1,108 @@
+// Register-blocked fp32 products for the attention tiles, AVX-512: C[M, N] = init + A B with
+// A(i, k) = A[i * sai + k * sak] (a row-major A, or a transposed one: the weight gradients'
+// dZ^T), B row-major [K, N] and C row-major. The tiles' products are small (N of 36 to 80, K of
+// 36 to a tile of 256), where sgemm spends a large share of each call on dispatch and packing;
+// here a block of R rows by NV vectors of 16 columns stays in registers over the whole K, each
+// step one load of B per vector and one broadcast of A per row. Included by
+// attention_pooling.cpp inside the AVX-512 build's namespace after vec512.h. No include guard on
+// purpose.
+
+namespace gemm512 {
+
+enum class Init { kZero, kC, kBias };  // accumulators start at 0, at C, or at a bias row
+
+template <int R, int NV>
+inline void block(int64_t K, const float* __restrict A, int64_t sai, int64_t sak, const float* __restrict B,
+                  int64_t ldb, float* C, int64_t ldc, Init init, const float* bias, __mmask16 tail) {
+  __m512 acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = B + k * ldb;
+    __m512 b[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? tail : v512::kAll, bk + 16 * v);
+    const float* ak = A + k * sak;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(ak[r * sai]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+  // the initial value is added to the finished sum, as sgemm's beta = 1 does: a bias added
+  // first would round every partial sum at its magnitude
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 m = v == NV - 1 ? tail : v512::kAll;
+      __m512 c = acc[r][v];
+      if (init == Init::kBias) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(m, bias + 16 * v));
+      if (init == Init::kC) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(m, C + r * ldc + 16 * v));
+      v512::store(C + r * ldc + 16 * v, m, c);
+    }
+}
+
+// Rows [0, M) of one panel of NV vectors: blocks of as many rows as the 32 registers hold
+// (R * NV accumulators, NV of B, one broadcast), then 4, 2 and 1 for the rest.
+template <int NV>
+inline void panel(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb,
+                  float* C, int64_t ldc, Init init, const float* bias, __mmask16 tail) {
+  constexpr int R = NV == 1 ? 12 : NV == 2 ? 12 : NV == 3 ? 8 : NV == 4 ? 6 : 4;
+  int64_t i = 0;
+  for (; i + R <= M; i += R) block<R, NV>(K, A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, init, bias, tail);
+  for (; i + 4 <= M; i += 4) block<4, NV>(K, A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, init, bias, tail);
+  for (; i + 2 <= M; i += 2) block<2, NV>(K, A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, init, bias, tail);
+  for (; i < M; ++i) block<1, NV>(K, A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, init, bias, tail);
+}
+
+// One output column of a row-major A: C[i] = init + A[i, :] . B[:, 0] (the pooling head's
+// last layer), a dot product per row.
+inline void column(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                   int64_t ldc, Init init, const float* bias) {
+  std::vector<float> b(K);
+  for (int64_t k = 0; k < K; ++k) b[k] = B[k * ldb];
+  for (int64_t i = 0; i < M; ++i) {
+    const float* a = A + i * lda;
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 m = v512::lanes(K - k);
+      s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, b.data() + k), s);
+    }
+    // lanes summed by swapping halves, quarters, pairs and neighbours (the maskz forms: GCC 12
+    // warns about the plain ones' undefined source)
+    s = _mm512_add_ps(s, _mm512_maskz_shuffle_f32x4(v512::kAll, s, s, 0x4E));
+    s = _mm512_add_ps(s, _mm512_maskz_shuffle_f32x4(v512::kAll, s, s, 0xB1));
+    s = _mm512_add_ps(s, _mm512_maskz_permute_ps(v512::kAll, s, 0x4E));
+    s = _mm512_add_ps(s, _mm512_maskz_permute_ps(v512::kAll, s, 0xB1));
+    const float c0 = init == Init::kZero ? 0.0f : init == Init::kBias ? bias[0] : C[i * ldc];
+    C[i * ldc] = c0 + _mm512_cvtss_f32(s);
+  }
+}
+
+// C[M, N] = init + A B, N in panels of up to 5 vectors (80 columns).
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
+                 int64_t ldb, float* C, int64_t ldc, Init init, const float* bias = nullptr) {
+  if (M == 0 || N == 0) return;
+  if (N == 1 && sak == 1) return column(M, K, A, sai, B, ldb, C, ldc, init, bias);
+  for (int64_t j = 0; j < N; j += 80) {
+    const int64_t n = std::min<int64_t>(80, N - j);
+    const int nv = static_cast<int>((n + 15) / 16);
+    const __mmask16 tail = v512::lanes(n - 16 * (nv - 1));
+    const float* bj = B + j;
+    const float* pj = bias == nullptr ? nullptr : bias + j;
+    float* cj = C + j;
+    switch (nv) {
+      case 1: panel<1>(M, K, A, sai, sak, bj, ldb, cj, ldc, init, pj, tail); break;
+      case 2: panel<2>(M, K, A, sai, sak, bj, ldb, cj, ldc, init, pj, tail); break;
+      case 3: panel<3>(M, K, A, sai, sak, bj, ldb, cj, ldc, init, pj, tail); break;
+      case 4: panel<4>(M, K, A, sai, sak, bj, ldb, cj, ldc, init, pj, tail); break;
+      default: panel<5>(M, K, A, sai, sak, bj, ldb, cj, ldc, init, pj, tail); break;
+    }
+  }
+}
+
+}  // namespace gemm512
