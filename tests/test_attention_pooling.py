@@ -160,7 +160,7 @@ def test_half_precision(dtype, tol, normalization):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 8e-2), (torch.float16, 2e-2)])
-@pytest.mark.parametrize("hidden", [(33, 17), (40, 16, 8)])
+@pytest.mark.parametrize("hidden", [(33, 17), (40, 16, 8), (24, 8, 20)])
 def test_half_precision_matrix_unit(dtype, tol, hidden):
     """bf16/fp16 products with float accumulation on the matrix unit where the CPU has one (AMX
     through oneDNN's brgemm; elsewhere in float): layers of 16+ outputs, odd fan-ins (the VNNI
@@ -169,6 +169,27 @@ def test_half_precision_matrix_unit(dtype, tol, hidden):
     q, k, _, W, b, kw, params = make_case(B=11, T=70, D=9, hidden=hidden, dtype=dtype, lengths=lengths)
     for normalization in ["none", "softmax"]:
         check_half_precision(q, k, lengths, W, b, kw, params, dtype, tol, normalization)
+
+
+# The AVX-512 float products run in register blocks of 1 to 5 vectors of 16 columns (masked
+# tails), panels of 80 columns, blocks of 12, 8, 6 or 4 rows and remainders of 4, 2 and 1 rows,
+# with the sigmoid taken on the registers (gemm512.h): widths below cover each block width, a
+# tail, two panels (2D = 82, H = 97) and one-column layers.
+@pytest.mark.parametrize("D,hidden", [(5, (1,)), (7, (16, 3)), (41, (97, 33, 17)), (12, (48, 64, 70)),
+                                      (36, (80, 40))])
+@pytest.mark.parametrize("act", ["sigmoid", "relu"])
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_register_blocks_match_reference(D, hidden, act, layout):
+    lengths = torch.tensor([0, 1, 3, 70, 2, 45, 5, 1, 64, 9, 33, 70, 7])
+    q, k, lengths, W, b, kw, params = make_case(B=13, T=70, D=D, hidden=hidden, act=act, lengths=lengths)
+    rows = dict(lengths=lengths)
+    if layout == "jagged":
+        k, offsets = to_jagged(k, lengths)
+        rows = dict(offsets=offsets)
+    want = run(R.attention_pooling, q, k, W, b, kw, params, act=act, **rows)
+    f32 = [x.float() for x in W], [x.float() for x in b]
+    got = run(din_ops.attention_pooling, q.float(), k.float(), *f32, kw, params, act=act, **rows)
+    assert_close_all(got, want, rtol=2e-5, atol=2e-5)
 
 
 # Layer 0 takes the folded form on tiles of long runs and the unfolded one on tiles of short

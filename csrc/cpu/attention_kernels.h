@@ -305,11 +305,11 @@ inline void to_lowp(at::ScalarType dt, const float* x, int64_t M, int64_t cols, 
 
 // C [Mr, N] += buf W_l^T on the matrix unit, buf [Mr, Kp] already in its dtype.
 inline void lowp_product(const LowpLayer& p, at::ScalarType dt, int64_t Mr, const uint16_t* buf, float* C,
-                         int64_t ldc) {
+                         int64_t ldc, bool add = true) {
   if (dt == at::kBFloat16) {
-    lowp_gemm(p, Mr, reinterpret_cast<const at::BFloat16*>(buf), p.Kp, C, ldc);
+    lowp_gemm(p, Mr, reinterpret_cast<const at::BFloat16*>(buf), p.Kp, C, ldc, add);
   } else {
-    lowp_gemm(p, Mr, reinterpret_cast<const at::Half*>(buf), p.Kp, C, ldc);
+    lowp_gemm(p, Mr, reinterpret_cast<const at::Half*>(buf), p.Kp, C, ldc, add);
   }
 }
 
@@ -369,12 +369,13 @@ bool lowp_backward(const Mlp<T>& m, int64_t l) {
 
 // C [Mr, N] += lowp(A) W_l^T on the matrix unit (T = float only).
 template <typename T>
-void lowp_layer(const Mlp<T>& m, int64_t l, const T* A, int64_t M, int64_t cols, uint16_t* buf, T* C, int64_t ldc) {
+void lowp_layer(const Mlp<T>& m, int64_t l, const T* A, int64_t M, int64_t cols, uint16_t* buf, T* C, int64_t ldc,
+                bool add = true) {
   if constexpr (std::is_same_v<T, float>) {
     const LowpLayer& p = m.lowp_w[l];
     const int64_t Mr = (M + kRowsM - 1) / kRowsM * kRowsM;
     to_lowp(m.lowp, A, M, cols, Mr, p.Kp, buf);
-    lowp_product(p, m.lowp, Mr, buf, C, ldc);
+    lowp_product(p, m.lowp, Mr, buf, C, ldc, add);
   }
 }
 
@@ -396,8 +397,9 @@ void layer0_folded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspac
 // Layer 0 of a tile in the unfolded two-product form: z = [k, k * q] [Wk - Wd | Wp]^T +
 // (Wq + Wd) q + b0, one GEMM over the tile plus one over its runs' queries. Twice the
 // multiply-adds per position of the folded form but no per-run setup: for tiles of short runs.
+// With !fill_z on the matrix unit, Z0 gets the products only (the caller adds the run terms Cs).
 template <typename T>
-void layer0_unfolded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace<T>& ws) {
+void layer0_unfolded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace<T>& ws, bool fill_z = true) {
   const int64_t D = m.D, H0 = m.H[0], S = static_cast<int64_t>(ws.segs.size());
   T* Qs = ws.Qs.data();
   for (int64_t j = 0; j < S; ++j) {
@@ -412,7 +414,8 @@ void layer0_unfolded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Worksp
   const bool direct = m.lowp == at::kBFloat16 && !ws.keep_x;
   for (int64_t j = 0; j < S; ++j) {
     const Segment& s = ws.segs[j];
-    for (int64_t i = 0; i < s.n; ++i) std::memcpy(Z0 + (s.off + i) * H0, Cs + j * H0, H0 * sizeof(T));
+    if (fill_z)
+      for (int64_t i = 0; i < s.n; ++i) std::memcpy(Z0 + (s.off + i) * H0, Cs + j * H0, H0 * sizeof(T));
     if (direct) continue;
     const T* k = in.k + (r.start[s.b] + s.t0) * D;
     const T* __restrict q = Qs + j * D;
@@ -453,17 +456,180 @@ void layer0_unfolded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Worksp
         }
       }
       std::fill(Xl + M * p.Kp, Xl + Mr * p.Kp, uint16_t(0));
-      lowp_product(p, m.lowp, Mr, Xl, Z0, H0);
+      lowp_product(p, m.lowp, Mr, Xl, Z0, H0, fill_z);
       return;
     }
-    if (m.lowp != at::ScalarType::Undefined) return lowp_layer(m, 0, X, ws.M, 2 * D, ws.Xl.data(), Z0, H0);
+    if (m.lowp != at::ScalarType::Undefined) return lowp_layer(m, 0, X, ws.M, 2 * D, ws.Xl.data(), Z0, H0, fill_z);
   }
   mm<T>(false, ws.M, H0, 2 * D, X, 2 * D, m.W01T.data(), H0, Z0, H0, true);
 }
 
-// Forward through the tile: Z[l] for every layer, A[l] for every layer but the last.
+#ifdef AP_V512
+// tile_forward for float sigmoid MLPs with finite parameters on AVX-512: each hidden layer's
+// sigmoid is taken on the products' registers (gemm512's epilogue), so the hidden layers'
+// pre-activations are never stored (the sigmoid's backward needs its output only). Returns false,
+// having computed nothing that counts, when a layer-0 sum is inf or NaN: the caller then runs the
+// general path, which gives those positions NaN as the reference does.
+inline bool tile_forward_sigmoid(const Mlp<float>& m, const Rows& r, const Inputs<float>& in, Workspace<float>& ws) {
+  const int64_t D = m.D, H0 = m.H[0], M = ws.M;
+  ws.keep_nan = false;
+  ws.unfolded = ws.M < kFoldMinLen * static_cast<int64_t>(ws.segs.size());
+  gemm512::Act act{ws.A[0].data(), H0, false};
+  if (ws.unfolded) {
+    // X and the runs' terms as layer0_unfolded packs them, Z0 = the runs' terms + X W01^T
+    const int64_t S = static_cast<int64_t>(ws.segs.size());
+    float* Qs = ws.Qs.data();
+    for (int64_t j = 0; j < S; ++j) {
+      const Segment& s = ws.segs[j];
+      std::memcpy(Qs + j * D, in.q + (s.b * r.C + s.c) * D, D * sizeof(float));
+    }
+    float* Cs = ws.Cs.data();
+    mm_bias<float>(S, H0, D, Qs, D, m.WqdT.data(), H0, m.bias(0), Cs, H0);
+    float* Z0 = ws.Z[0].data();
+    float* X = ws.X.data();
+    for (int64_t j = 0; j < S; ++j) {
+      const Segment& s = ws.segs[j];
+      for (int64_t i = 0; i < s.n; ++i) std::memcpy(Z0 + (s.off + i) * H0, Cs + j * H0, H0 * sizeof(float));
+      const float* k = in.k + (r.start[s.b] + s.t0) * D;
+      const float* __restrict q = Qs + j * D;
+      for (int64_t i = 0; i < s.n; ++i) {
+        const float* __restrict kt = k + i * D;
+        float* __restrict x = X + (s.off + i) * 2 * D;
+        for (int64_t d = 0; d < D; ++d) {
+          x[d] = kt[d];
+          x[D + d] = kt[d] * q[d];
+        }
+      }
+    }
+    gemm512::gemm<true>(M, H0, 2 * D, X, 2 * D, 1, m.W01T.data(), H0, Z0, H0, gemm512::Init::kC, nullptr, &act);
+  } else {
+    for (const Segment& s : ws.segs) {
+      const float* q = in.q + (s.b * r.C + s.c) * D;
+      fold_layer0_t(m, q, ws.Abc.data());
+      fold_bias0(m, q, ws.cbc.data());
+      const float* k = in.k + (r.start[s.b] + s.t0) * D;
+      gemm512::Act as{act.s + s.off * H0, H0, false};
+      gemm512::gemm<true>(s.n, H0, D, k, D, 1, ws.Abc.data(), H0, nullptr, H0, gemm512::Init::kBias, ws.cbc.data(),
+                          &as);
+      act.bad |= as.bad;
+    }
+  }
+  if (act.bad) return false;
+  for (int64_t l = 1; l < m.L; ++l) {
+    const int64_t H = m.H[l], Hin = m.fan_in[l];
+    if (l + 1 < m.L) {
+      gemm512::Act al{ws.A[l].data(), H, false};
+      gemm512::gemm<true>(M, H, Hin, ws.A[l - 1].data(), Hin, 1, m.WT[l].data(), H, nullptr, H, gemm512::Init::kBias,
+                          m.bias(l), &al);
+    } else {
+      mm_bias<float>(M, H, Hin, ws.A[l - 1].data(), Hin, m.WT[l].data(), H, m.bias(l), ws.Z[l].data(), H);
+    }
+  }
+  return true;
+}
+
+// The hidden layer l's activation on the matrix-unit path: a = sigmoid(z + bias) for rows
+// [i0, i0 + n) (bias [H]: b_l, or layer 0's run term), into A in float (the backward's) and, when
+// the next layer runs on the matrix unit, into its operand in the input dtype. The reciprocal
+// is rcp14's (2^-14), finer than the bf16/fp16 rounding of the operand; false at an inf or NaN z.
+template <typename L>
+bool lowp_sigmoid_rows(const float* z, int64_t H, const float* bias, int64_t i0, int64_t n, float* A, L* Al,
+                       int64_t ldl) {
+  __mmask16 bad = 0;
+  for (int64_t i = i0; i < i0 + n; ++i) {
+    const float* zi = z + i * H;
+    float* ai = A + i * H;
+    for (int64_t h = 0; h < H; h += 16) {
+      const __mmask16 m = v512::lanes(H - h);
+      const __m512 v = _mm512_add_ps(v512::load(zi + h, m), v512::load(bias + h, m));
+      bad |= _mm512_mask_fpclass_ps_mask(m, v, 0x99);
+      const __m512 a = v512::sigmoid<false>(v);
+      v512::store(ai + h, m, a);
+      if (Al != nullptr) v512::store(Al + i * ldl + h, m, a);
+    }
+  }
+  return bad == 0;
+}
+
+// tile_forward for sigmoid MLPs with finite parameters on the matrix unit (bf16/fp16 inputs):
+// the products write Z, and one pass per hidden layer adds the bias, takes the sigmoid and
+// rounds the next layer's operand (no float copy of the bias into Z, no separate rounding pass).
+// False, as tile_forward_sigmoid, when layer 0 holds an inf or a NaN.
+template <typename L>
+bool tile_forward_lowp_sigmoid_as(const Mlp<float>& m, const Rows& r, const Inputs<float>& in, Workspace<float>& ws) {
+  const int64_t H0 = m.H[0], M = ws.M, Mr = (M + kRowsM - 1) / kRowsM * kRowsM;
+  ws.keep_nan = false;
+  ws.unfolded = true;
+  layer0_unfolded(m, r, in, ws, false);
+  L* Al = reinterpret_cast<L*>(ws.Al.data());
+  auto operand = [&](int64_t l) -> L* {  // layer l's operand buffer, or null when l runs in float
+    return l < m.L && m.lowp_w[l].packed.defined() ? Al : nullptr;
+  };
+  auto ld = [&](int64_t l) { return l < m.L && m.lowp_w[l].packed.defined() ? m.lowp_w[l].Kp : 0; };
+  bool ok = true;
+  {
+    L* al = operand(1);
+    for (size_t j = 0; j < ws.segs.size(); ++j) {
+      const Segment& s = ws.segs[j];
+      ok &= lowp_sigmoid_rows(ws.Z[0].data(), H0, ws.Cs.data() + j * H0, s.off, s.n, ws.A[0].data(), al, ld(1));
+    }
+  }
+  if (!ok) return false;
+  for (int64_t l = 1; l < m.L; ++l) {
+    const int64_t H = m.H[l], Hin = m.fan_in[l];
+    L* al = operand(l);
+    if (al != nullptr) {
+      const int64_t kp = m.lowp_w[l].Kp;
+      for (int64_t i = 0; i < M; ++i) std::fill(Al + i * kp + Hin, Al + (i + 1) * kp, L(0));  // K padding
+      std::fill(Al + M * kp, Al + Mr * kp, L(0));
+    }
+    if (l + 1 < m.L) {
+      if (al != nullptr) {
+        lowp_product(m.lowp_w[l], m.lowp, Mr, ws.Al.data(), ws.Z[l].data(), H, false);
+        lowp_sigmoid_rows(ws.Z[l].data(), H, m.bias(l), 0, M, ws.A[l].data(), operand(l + 1), ld(l + 1));
+      } else {
+        gemm512::Act act{ws.A[l].data(), H, false};
+        gemm512::gemm<true>(M, H, Hin, ws.A[l - 1].data(), Hin, 1, m.WT[l].data(), H, nullptr, H,
+                            gemm512::Init::kBias, m.bias(l), &act);
+        // the next layer's operand, when it runs on the matrix unit
+        if (L* nl = operand(l + 1))
+          for (int64_t i = 0; i < M; ++i)
+            for (int64_t h = 0; h < H; h += 16) {
+              const __mmask16 mk = v512::lanes(H - h);
+              v512::store(nl + i * ld(l + 1) + h, mk, v512::load(ws.A[l].data() + i * H + h, mk));
+            }
+      }
+    } else if (al != nullptr) {
+      float* z = ws.Z[l].data();
+      for (int64_t i = 0; i < M; ++i) std::memcpy(z + i * H, m.bias(l), H * sizeof(float));
+      lowp_product(m.lowp_w[l], m.lowp, Mr, ws.Al.data(), z, H, true);
+    } else {
+      mm_bias<float>(M, H, Hin, ws.A[l - 1].data(), Hin, m.WT[l].data(), H, m.bias(l), ws.Z[l].data(), H);
+    }
+  }
+  return true;
+}
+
+inline bool tile_forward_lowp_sigmoid(const Mlp<float>& m, const Rows& r, const Inputs<float>& in,
+                                      Workspace<float>& ws) {
+  return m.lowp == at::kBFloat16 ? tile_forward_lowp_sigmoid_as<c10::BFloat16>(m, r, in, ws)
+                                 : tile_forward_lowp_sigmoid_as<c10::Half>(m, r, in, ws);
+}
+#endif
+
+// Forward through the tile: Z[l] for every layer, A[l] for every layer but the last (the AVX-512
+// sigmoid path leaves the hidden layers' Z unset).
 template <typename T>
 void tile_forward(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace<T>& ws) {
+#ifdef AP_V512
+  if constexpr (std::is_same_v<T, float>) {
+    if (m.act == Act::Sigmoid && !m.nonfinite && m.L > 1) {
+      if (m.lowp == at::ScalarType::Undefined ? tile_forward_sigmoid(m, r, in, ws)
+                                              : tile_forward_lowp_sigmoid(m, r, in, ws))
+        return;
+    }
+  }
+#endif
   const int64_t D = m.D, H0 = m.H[0];
   T* Z0 = ws.Z[0].data();
   ws.keep_nan = m.nonfinite;
@@ -714,6 +880,29 @@ void pool_forward(const Rows& r, const Inputs<T>& in, bool softmax, int64_t pb, 
       const T* __restrict kt = k + t * D;
       for (int64_t d = 0; d < D; ++d) o[d] += wt * kt[d];
     }
+  }
+}
+
+// out[pair] += sum_i w[i] k[t0 + i] for one run of a tile, w its attention weights: the
+// pooling without softmax taken while the tile's keys are in cache, in pool_forward's order and
+// arithmetic (so either gives the same sums).
+template <typename T>
+void pool_segment(const Rows& r, const Inputs<T>& in, const Segment& g, const T* w, T* out) {
+  const int64_t D = r.D;
+  T* __restrict o = out + (g.b * r.C + g.c) * D;
+  const int64_t p0 = (r.start[g.b] + g.t0) * D;
+  if (in.kb != nullptr) {
+    for (int64_t i = 0; i < g.n; ++i) {
+      const T wt = w[i];
+      const uint16_t* __restrict kt = in.kb + p0 + i * D;
+      for (int64_t d = 0; d < D; ++d) o[d] += wt * T(bf16_value(kt[d]));
+    }
+    return;
+  }
+  for (int64_t i = 0; i < g.n; ++i) {
+    const T wt = w[i];
+    const T* __restrict kt = in.k + p0 + i * D;
+    for (int64_t d = 0; d < D; ++d) o[d] += wt * kt[d];
   }
 }
 

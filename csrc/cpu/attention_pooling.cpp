@@ -167,13 +167,14 @@ LowpLayer pack_lowp(const at::Tensor& Wt, at::ScalarType dt) {
   return p;
 }
 
-// C[M, N] += A[M, Kp] B, A in the input dtype (its padding columns zero), M a multiple of kRowsM.
+// C[M, N] += A[M, Kp] B (C = A B when !add), A in the input dtype (its padding columns zero),
+// M a multiple of kRowsM.
 template <typename L>
-void lowp_gemm(const LowpLayer& p, int64_t M, const L* A, int64_t lda, float* C, int64_t ldc) {
+void lowp_gemm(const LowpLayer& p, int64_t M, const L* A, int64_t lda, float* C, int64_t ldc, bool add = true) {
   const L* B = p.packed.data_ptr<L>();
   for (int64_t j = 0; j * kBlockN < p.N; ++j) {
     const int64_t n = std::min(kBlockN, p.N - j * kBlockN);
-    at::native::cpublas::brgemm(M, n, p.Kp, lda, kBlockN, ldc, true, A, B + j * p.Kp * kBlockN, C + j * kBlockN);
+    at::native::cpublas::brgemm(M, n, p.Kp, lda, kBlockN, ldc, add, A, B + j * p.Kp * kBlockN, C + j * kBlockN);
   }
 }
 
@@ -273,33 +274,44 @@ Mlp<T> make_mlp(int64_t D, at::TensorList weights, at::TensorList biases, at::Te
   const T* w0 = W0.data_ptr<T>();
   m.Wkd.resize(H0 * D);
   m.Wqd.resize(H0 * D);
-  m.WqdT.resize(D * H0);
   m.W01.resize(H0 * 2 * D);
   m.WkdT.resize(D * H0);
   m.WpT.resize(D * H0);
+  m.WqdT.resize(D * H0);
   m.W01T.resize(2 * D * H0);
+  // through local pointers, writes in order: these run at every call, and a small call is
+  // otherwise mostly this setup
+  T* __restrict wkd = m.Wkd.data();
+  T* __restrict wqd = m.Wqd.data();
+  T* __restrict w01 = m.W01.data();
   for (int64_t h = 0; h < H0; ++h) {
     const T* row = w0 + h * 4 * D;
     for (int64_t d = 0; d < D; ++d) {
-      const T kd = row[D + d] - row[2 * D + d], qd = row[d] + row[2 * D + d];
-      m.Wkd[h * D + d] = kd;
-      m.Wqd[h * D + d] = qd;
-      m.WqdT[d * H0 + h] = qd;
-      m.WkdT[d * H0 + h] = kd;
-      m.WpT[d * H0 + h] = row[3 * D + d];
-      m.W01[h * 2 * D + d] = kd;
-      m.W01[h * 2 * D + D + d] = row[3 * D + d];
-      m.W01T[d * H0 + h] = kd;
-      m.W01T[(D + d) * H0 + h] = row[3 * D + d];
+      wkd[h * D + d] = row[D + d] - row[2 * D + d];
+      wqd[h * D + d] = row[d] + row[2 * D + d];
+      w01[h * 2 * D + d] = row[D + d] - row[2 * D + d];
+      w01[h * 2 * D + D + d] = row[3 * D + d];
     }
   }
+  T* __restrict wkdT = m.WkdT.data();
+  T* __restrict wpT = m.WpT.data();
+  T* __restrict wqdT = m.WqdT.data();
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t h = 0; h < H0; ++h) {
+      wkdT[d * H0 + h] = wkd[h * D + d];
+      wqdT[d * H0 + h] = wqd[h * D + d];
+      wpT[d * H0 + h] = w0[h * 4 * D + 3 * D + d];
+    }
+  std::memcpy(m.W01T.data(), wkdT, D * H0 * sizeof(T));
+  std::memcpy(m.W01T.data() + D * H0, wpT, D * H0 * sizeof(T));
   m.WT.resize(m.L);
   for (int64_t l = 1; l < m.L; ++l) {
     const int64_t H = m.H[l], Hin = m.fan_in[l];
-    const T* w = m.W[l].template data_ptr<T>();
+    const T* __restrict w = m.W[l].template data_ptr<T>();
     m.WT[l].resize(Hin * H);
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t j = 0; j < Hin; ++j) m.WT[l][j * H + h] = w[h * Hin + j];
+    T* __restrict wt = m.WT[l].data();
+    for (int64_t j = 0; j < Hin; ++j)
+      for (int64_t h = 0; h < H; ++h) wt[j * H + h] = w[h * Hin + j];
   }
   m.Wp = w0 + 3 * D;
   if (lowp != at::ScalarType::Undefined) {
@@ -480,6 +492,7 @@ struct Inputs {
 // GCC 12 reports its own intrinsics' _mm512_undefined_ps() sources as maybe uninitialized
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 namespace isa_avx512 {
 #include "vec512.h"
 #include "gemm512.h"
@@ -499,6 +512,7 @@ struct Kernels {
   decltype(&isa_base::tile_forward<T>) tile_forward;
   decltype(&isa_base::tile_backward<T>) tile_backward;
   decltype(&isa_base::pool_forward<T>) pool_forward;
+  decltype(&isa_base::pool_segment<T>) pool_segment;
   decltype(&isa_base::pool_backward<T>) pool_backward;
   decltype(&isa_base::tile_moments<T>) tile_moments;
   decltype(&isa_base::stats_dz<T>) stats_dz;
@@ -506,7 +520,8 @@ struct Kernels {
 
 #define AP_KERNELS(ns)                                                                       \
   Kernels<T> {                                                                               \
-    ns::tile_forward<T>, ns::tile_backward<T>, ns::pool_forward<T>, ns::pool_backward<T>,   \
+    ns::tile_forward<T>, ns::tile_backward<T>, ns::pool_forward<T>, ns::pool_segment<T>,   \
+        ns::pool_backward<T>,                                                                \
         ns::tile_moments<T>, ns::stats_dz<T>                                                 \
   }
 
@@ -647,9 +662,24 @@ void forward_impl(const Rows& r, const Mlp<T>& m, const Inputs<T>& in, bool soft
   const Work w = make_units(r);
   const auto ranges = unit_ranges(w, m);
   const Kernels<T> K = kernels<T>();
-  // the scores of every pair, then (once a pair's scores are all there) softmax and pooling
-  for_each_part(static_cast<int64_t>(ranges.size()) - 1, [&](int64_t lo, int64_t hi) {
+  const int64_t n_ranges = static_cast<int64_t>(ranges.size()) - 1;
+  // Without softmax a pair is pooled in its tiles, while the keys are in cache, when one range
+  // holds all its units; a pair whose units fall into two ranges (two threads) waits for the
+  // second pass, as every pair does under softmax.
+  std::vector<uint8_t> split;
+  if (!softmax) {
+    split.assign(r.B * r.C, 0);
+    std::vector<int64_t> owner(r.B * r.C, -1);
+    for (int64_t part = 0; part < n_ranges; ++part)
+      for (int64_t u = ranges[part]; u < ranges[part + 1]; ++u) {
+        const int64_t p = w.units[u].b * r.C + w.units[u].c;
+        if (owner[p] >= 0 && owner[p] != part) split[p] = 1;
+        owner[p] = part;
+      }
+  }
+  for_each_part(n_ranges, [&](int64_t lo, int64_t hi) {
     Workspace<T> ws(m, tile_rows(r), false);
+    std::vector<T> wt;
     for (int64_t part = lo; part < hi; ++part)
       for_each_tile(w, ranges[part], ranges[part + 1], ws, [&](Workspace<T>& wk) {
         K.tile_forward(m, r, in, wk);
@@ -657,9 +687,19 @@ void forward_impl(const Rows& r, const Mlp<T>& m, const Inputs<T>& in, bool soft
         for (const Segment& g : wk.segs) {
           T* a = attn + r.start[g.b] * r.C + g.c * r.sC + g.t0 * r.sT;
           for (int64_t i = 0; i < g.n; ++i) a[i * r.sT] = scale * s[g.off + i];
+          if (!softmax && !split[g.b * r.C + g.c]) {
+            wt.resize(g.n);
+            for (int64_t i = 0; i < g.n; ++i) wt[i] = scale * s[g.off + i];
+            K.pool_segment(r, in, g, wt.data(), out);
+          }
         }
       });
   });
+  if (!softmax) {
+    for (int64_t p = 0; p < r.B * r.C; ++p)
+      if (split[p]) K.pool_forward(r, in, false, p, p + 1, attn, out);
+    return;
+  }
   std::vector<int64_t> pair_len(r.B * r.C);
   int64_t total = 0;
   for (int64_t p = 0; p < r.B * r.C; ++p) total += pair_len[p] = r.len[p / r.C] + 1;

@@ -11,9 +11,18 @@ namespace gemm512 {
 
 enum class Init { kZero, kC, kBias };  // accumulators start at 0, at C, or at a bias row
 
-template <int R, int NV>
+// Where a block's finished sums go: into C (unless C is null), and with kSigmoid their sigmoid
+// into S (row stride lds), with bad told whether a sum was inf or NaN (the sigmoid would hide it).
+struct Act {
+  float* s = nullptr;
+  int64_t lds = 0;
+  bool bad = false;
+};
+
+template <int R, int NV, bool kSigmoid = false>
 inline void block(int64_t K, const float* __restrict A, int64_t sai, int64_t sak, const float* __restrict B,
-                  int64_t ldb, float* C, int64_t ldc, Init init, const float* bias, __mmask16 tail) {
+                  int64_t ldb, float* C, int64_t ldc, Init init, const float* bias, __mmask16 tail,
+                  Act* act = nullptr) {
   __m512 acc[R][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
@@ -34,6 +43,7 @@ inline void block(int64_t K, const float* __restrict A, int64_t sai, int64_t sak
   }
   // the initial value is added to the finished sum, as sgemm's beta = 1 does: a bias added
   // first would round every partial sum at its magnitude
+  [[maybe_unused]] __mmask16 bad = 0;
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
@@ -42,21 +52,37 @@ inline void block(int64_t K, const float* __restrict A, int64_t sai, int64_t sak
       __m512 c = acc[r][v];
       if (init == Init::kBias) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(m, bias + 16 * v));
       if (init == Init::kC) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(m, C + r * ldc + 16 * v));
-      v512::store(C + r * ldc + 16 * v, m, c);
+      if constexpr (kSigmoid) {
+        bad |= _mm512_mask_fpclass_ps_mask(m, c, 0x99);  // QNaN, SNaN, +inf, -inf
+        v512::store(act->s + r * act->lds + 16 * v, m, v512::sigmoid<true>(c));
+        if (C != nullptr) v512::store(C + r * ldc + 16 * v, m, c);
+      } else {
+        v512::store(C + r * ldc + 16 * v, m, c);
+      }
     }
+  if constexpr (kSigmoid) act->bad |= bad != 0;
 }
 
 // Rows [0, M) of one panel of NV vectors: blocks of as many rows as the 32 registers hold
 // (R * NV accumulators, NV of B, one broadcast), then 4, 2 and 1 for the rest.
-template <int NV>
+template <int NV, bool kSigmoid>
 inline void panel(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb,
-                  float* C, int64_t ldc, Init init, const float* bias, __mmask16 tail) {
+                  float* C, int64_t ldc, Init init, const float* bias, __mmask16 tail, Act* act) {
   constexpr int R = NV == 1 ? 12 : NV == 2 ? 12 : NV == 3 ? 8 : NV == 4 ? 6 : 4;
+  Act a = act == nullptr ? Act{} : *act;
+  auto rows = [&](auto r_t, int64_t i) {
+    constexpr int Rb = decltype(r_t)::value;
+    Act ai{a.s == nullptr ? nullptr : a.s + i * a.lds, a.lds, false};
+    block<Rb, NV, kSigmoid>(K, A + i * sai, sai, sak, B, ldb, C == nullptr ? nullptr : C + i * ldc, ldc, init, bias,
+                            tail, &ai);
+    a.bad |= ai.bad;
+  };
   int64_t i = 0;
-  for (; i + R <= M; i += R) block<R, NV>(K, A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, init, bias, tail);
-  for (; i + 4 <= M; i += 4) block<4, NV>(K, A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, init, bias, tail);
-  for (; i + 2 <= M; i += 2) block<2, NV>(K, A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, init, bias, tail);
-  for (; i < M; ++i) block<1, NV>(K, A + i * sai, sai, sak, B, ldb, C + i * ldc, ldc, init, bias, tail);
+  for (; i + R <= M; i += R) rows(std::integral_constant<int, R>{}, i);
+  for (; i + 4 <= M; i += 4) rows(std::integral_constant<int, 4>{}, i);
+  for (; i + 2 <= M; i += 2) rows(std::integral_constant<int, 2>{}, i);
+  for (; i < M; ++i) rows(std::integral_constant<int, 1>{}, i);
+  if (act != nullptr) act->bad |= a.bad;
 }
 
 // One output column of a row-major A: C[i] = init + A[i, :] . B[:, 0] (the pooling head's
@@ -83,25 +109,39 @@ inline void column(int64_t M, int64_t K, const float* A, int64_t lda, const floa
   }
 }
 
-// C[M, N] = init + A B, N in panels of up to 5 vectors (80 columns).
+// C[M, N] = init + A B, N in panels of up to 5 vectors (80 columns); with act, the sums' sigmoid
+// into act->s as well (C may then be null: the sums are not kept).
+template <bool kSigmoid = false>
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B,
-                 int64_t ldb, float* C, int64_t ldc, Init init, const float* bias = nullptr) {
+                 int64_t ldb, float* C, int64_t ldc, Init init, const float* bias = nullptr, Act* act = nullptr) {
   if (M == 0 || N == 0) return;
-  if (N == 1 && sak == 1) return column(M, K, A, sai, B, ldb, C, ldc, init, bias);
+  if (!kSigmoid && N == 1 && sak == 1) return column(M, K, A, sai, B, ldb, C, ldc, init, bias);
+  // Long sums (the weight gradients' K is a tile of positions) in chunks of kChunk, each added
+  // to C: float rounding then grows with kChunk + K / kChunk rather than with K.
+  constexpr int64_t kChunk = 64;
+  if (!kSigmoid && K > 2 * kChunk) {
+    for (int64_t k0 = 0; k0 < K; k0 += kChunk)
+      gemm<false>(M, N, std::min(kChunk, K - k0), A + k0 * sak, sai, sak, B + k0 * ldb, ldb, C, ldc,
+                  k0 == 0 ? init : Init::kC, bias);
+    return;
+  }
   for (int64_t j = 0; j < N; j += 80) {
     const int64_t n = std::min<int64_t>(80, N - j);
     const int nv = static_cast<int>((n + 15) / 16);
     const __mmask16 tail = v512::lanes(n - 16 * (nv - 1));
     const float* bj = B + j;
     const float* pj = bias == nullptr ? nullptr : bias + j;
-    float* cj = C + j;
+    float* cj = C == nullptr ? nullptr : C + j;
+    Act aj = act == nullptr ? Act{} : Act{act->s + j, act->lds, false};
+    Act* pa = act == nullptr ? nullptr : &aj;
     switch (nv) {
-      case 1: panel<1>(M, K, A, sai, sak, bj, ldb, cj, ldc, init, pj, tail); break;
-      case 2: panel<2>(M, K, A, sai, sak, bj, ldb, cj, ldc, init, pj, tail); break;
-      case 3: panel<3>(M, K, A, sai, sak, bj, ldb, cj, ldc, init, pj, tail); break;
-      case 4: panel<4>(M, K, A, sai, sak, bj, ldb, cj, ldc, init, pj, tail); break;
-      default: panel<5>(M, K, A, sai, sak, bj, ldb, cj, ldc, init, pj, tail); break;
+      case 1: panel<1, kSigmoid>(M, K, A, sai, sak, bj, ldb, cj, ldc, init, pj, tail, pa); break;
+      case 2: panel<2, kSigmoid>(M, K, A, sai, sak, bj, ldb, cj, ldc, init, pj, tail, pa); break;
+      case 3: panel<3, kSigmoid>(M, K, A, sai, sak, bj, ldb, cj, ldc, init, pj, tail, pa); break;
+      case 4: panel<4, kSigmoid>(M, K, A, sai, sak, bj, ldb, cj, ldc, init, pj, tail, pa); break;
+      default: panel<5, kSigmoid>(M, K, A, sai, sak, bj, ldb, cj, ldc, init, pj, tail, pa); break;
     }
+    if (act != nullptr) act->bad |= aj.bad;
   }
 }
 
