@@ -821,9 +821,16 @@ void tile_backward(const Mlp<T>& m, const GradLayout& lay, const Rows& r, const 
       mm<T>(true, H, Hin, M, dz, H, ws.A[l - 1].data(), Hin, g + lay.W[l], Hin, true);
     }
     T* gb = g + lay.b[l];
-    std::vector<double> sum(H, 0.0);  // in double, as in activate_backward
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t h = 0; h < H; ++h) sum[h] += dz[i * H + h];
+    // in double, as in activate_backward, over partial sums of 8 rows (a conversion per
+    // element cost as much as the sum)
+    std::vector<double> sum(H, 0.0);
+    std::vector<T> part(H);
+    for (int64_t i0 = 0; i0 < M; i0 += 8) {
+      std::fill(part.begin(), part.end(), T(0));
+      for (int64_t i = i0; i < std::min(M, i0 + 8); ++i)
+        for (int64_t h = 0; h < H; ++h) part[h] += dz[i * H + h];
+      for (int64_t h = 0; h < H; ++h) sum[h] += part[h];
+    }
     for (int64_t h = 0; h < H; ++h) gb[h] += T(sum[h]);
     if constexpr (std::is_same_v<T, float>) {
       if (lowp_backward(m, l)) {
