@@ -18,7 +18,9 @@
 // bf16/fp16 inputs run their products in the input dtype with float accumulation on the CPU's
 // matrix unit (AMX) where oneDNN's brgemm packs for it (use_lowp); elsewhere, and under
 // DIN_OPS_CPU_ISA=base, in float. The compute loops live in attention_kernels.h, built for the
-// baseline, AVX2 and AVX-512 and chosen at run time (cpu_isa in common.h).
+// baseline, AVX2 and AVX-512 and chosen at run time (cpu_isa in common.h). The AVX-512 build runs
+// the float products in register blocks (gemm512.h) and, for sigmoid MLPs, takes each hidden
+// layer's sigmoid on the registers; the others call the BLAS libtorch links.
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
