@@ -397,9 +397,11 @@ void layer0_folded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspac
 // Layer 0 of a tile in the unfolded two-product form: z = [k, k * q] [Wk - Wd | Wp]^T +
 // (Wq + Wd) q + b0, one GEMM over the tile plus one over its runs' queries. Twice the
 // multiply-adds per position of the folded form but no per-run setup: for tiles of short runs.
-// With !fill_z on the matrix unit, Z0 gets the products only (the caller adds the run terms Cs).
+// With !fill_z on the matrix unit, Z0 gets the products only (the caller adds the run terms Cs);
+// with !product in float, Z0 holds the run terms and X is packed, the product left to the caller.
 template <typename T>
-void layer0_unfolded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace<T>& ws, bool fill_z = true) {
+void layer0_unfolded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace<T>& ws, bool fill_z = true,
+                     bool product = true) {
   const int64_t D = m.D, H0 = m.H[0], S = static_cast<int64_t>(ws.segs.size());
   T* Qs = ws.Qs.data();
   for (int64_t j = 0; j < S; ++j) {
@@ -461,7 +463,7 @@ void layer0_unfolded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Worksp
     }
     if (m.lowp != at::ScalarType::Undefined) return lowp_layer(m, 0, X, ws.M, 2 * D, ws.Xl.data(), Z0, H0, fill_z);
   }
-  mm<T>(false, ws.M, H0, 2 * D, X, 2 * D, m.W01T.data(), H0, Z0, H0, true);
+  if (product) mm<T>(false, ws.M, H0, 2 * D, X, 2 * D, m.W01T.data(), H0, Z0, H0, true);
 }
 
 #ifdef AP_V512
@@ -476,32 +478,10 @@ inline bool tile_forward_sigmoid(const Mlp<float>& m, const Rows& r, const Input
   ws.unfolded = ws.M < kFoldMinLen * static_cast<int64_t>(ws.segs.size());
   gemm512::Act act{ws.A[0].data(), H0, false};
   if (ws.unfolded) {
-    // X and the runs' terms as layer0_unfolded packs them, Z0 = the runs' terms + X W01^T
-    const int64_t S = static_cast<int64_t>(ws.segs.size());
-    float* Qs = ws.Qs.data();
-    for (int64_t j = 0; j < S; ++j) {
-      const Segment& s = ws.segs[j];
-      std::memcpy(Qs + j * D, in.q + (s.b * r.C + s.c) * D, D * sizeof(float));
-    }
-    float* Cs = ws.Cs.data();
-    mm_bias<float>(S, H0, D, Qs, D, m.WqdT.data(), H0, m.bias(0), Cs, H0);
-    float* Z0 = ws.Z[0].data();
-    float* X = ws.X.data();
-    for (int64_t j = 0; j < S; ++j) {
-      const Segment& s = ws.segs[j];
-      for (int64_t i = 0; i < s.n; ++i) std::memcpy(Z0 + (s.off + i) * H0, Cs + j * H0, H0 * sizeof(float));
-      const float* k = in.k + (r.start[s.b] + s.t0) * D;
-      const float* __restrict q = Qs + j * D;
-      for (int64_t i = 0; i < s.n; ++i) {
-        const float* __restrict kt = k + i * D;
-        float* __restrict x = X + (s.off + i) * 2 * D;
-        for (int64_t d = 0; d < D; ++d) {
-          x[d] = kt[d];
-          x[D + d] = kt[d] * q[d];
-        }
-      }
-    }
-    gemm512::gemm<true>(M, H0, 2 * D, X, 2 * D, 1, m.W01T.data(), H0, Z0, H0, gemm512::Init::kC, nullptr, &act);
+    // X and Z0 = the runs' terms packed by layer0_unfolded, then Z0 + X W01^T with the sigmoid
+    layer0_unfolded(m, r, in, ws, true, false);
+    gemm512::gemm<true>(M, H0, 2 * D, ws.X.data(), 2 * D, 1, m.W01T.data(), H0, ws.Z[0].data(), H0,
+                        gemm512::Init::kC, nullptr, &act);
   } else {
     for (const Segment& s : ws.segs) {
       const float* q = in.q + (s.b * r.C + s.c) * D;
