@@ -109,6 +109,15 @@ def _check_counts(values, name: str):
         _check_count(v, f"{name}[{i}]")
 
 
+def check_attention_options(attention_activation, attention_normalization):
+    """The attention unit's activation and normalization names of a DIN constructor."""
+    if attention_activation not in ACTIVATIONS:
+        raise ValueError(f"attention_activation must be one of {ACTIVATIONS}, got {attention_activation!r}")
+    if attention_normalization not in NORMALIZATIONS:
+        raise ValueError(f"attention_normalization must be one of {NORMALIZATIONS}, "
+                         f"got {attention_normalization!r}")
+
+
 def check_din_config(num_items, num_categories, user_fields, embed_dim, attention_units, mlp_units, init_std):
     """Constructor arguments of :class:`DIN` (the activations and backend are checked by name)."""
     _check_count(num_items, "num_items")
@@ -302,11 +311,7 @@ class DIN(nn.Module):
         check_din_config(num_items, num_categories, user_fields, embed_dim, attention_units, mlp_units, init_std)
         if pooling not in ("attention", "sum"):
             raise ValueError(f"pooling must be 'attention' or 'sum', got {pooling!r}")
-        if attention_activation not in ACTIVATIONS:
-            raise ValueError(f"attention_activation must be one of {ACTIVATIONS}, got {attention_activation!r}")
-        if attention_normalization not in NORMALIZATIONS:
-            raise ValueError(f"attention_normalization must be one of {NORMALIZATIONS}, "
-                             f"got {attention_normalization!r}")
+        check_attention_options(attention_activation, attention_normalization)
         self.backend = backend
         self.pooling = pooling
         self.embed_dim = embed_dim

@@ -25,6 +25,21 @@ def _seed():
     yield
 
 
+def case_lengths(lengths, B, T, g):
+    """The ``lengths`` of a Triton test case: ``"mixed"`` (random in 0..T, the first row full and
+    the second empty), ``"full"``, or None."""
+    if lengths == "mixed":
+        lens = torch.randint(0, T + 1, (B,), generator=g)
+        if B > 0:
+            lens[0] = T
+        if B > 1:
+            lens[1] = 0
+        return lens
+    if lengths == "full":
+        return torch.full((B,), T, dtype=torch.int64)
+    return None
+
+
 def triton_backends():
     """(device, backend) pairs that exercise the Triton kernels: interpreted on CPU, native on CUDA."""
     if torch.cuda.is_available():

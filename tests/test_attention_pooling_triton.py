@@ -20,7 +20,7 @@ import din_ops
 from din_ops import reference as ref
 from din_ops.triton import attention_pooling as tap
 
-from conftest import triton_backends
+from conftest import case_lengths, triton_backends
 
 # the sigmoid of a very negative input overflows exp() on the way to its correct limit 0
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -77,16 +77,7 @@ def make_case(B=3, T=11, D=5, hidden=(7, 6), C=1, dtype=torch.float64, device="c
 
     qshape = (B, D) if C == 1 else (B, C, D)
     case = dict(query=rnd(*qshape), activation=activation)
-    if lengths == "mixed":
-        lens = torch.randint(0, T + 1, (B,), generator=g)
-        if B > 0:
-            lens[0] = T
-        if B > 1:
-            lens[1] = 0
-    elif lengths == "full":
-        lens = torch.full((B,), T, dtype=torch.int64)
-    else:
-        lens = None
+    lens = case_lengths(lengths, B, T, g)
     keys = rnd(B, T, D)
     if jagged:
         assert lens is not None

@@ -24,7 +24,7 @@ from din_ops import reference as ref
 from din_ops.triton import attention_pooling as tap
 from din_ops.triton import embedding_attention_pooling as emb
 
-from conftest import triton_backends
+from conftest import case_lengths, triton_backends
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 DEVICES = [d for d, _ in triton_backends()]
@@ -67,16 +67,7 @@ def make_case(B=3, T=6, widths=(3, 4), E=(7, 5), hidden=(5, 4), C=1, dtype=torch
     D = sum(widths)
     case = dict(query=rnd(*((B, D) if C == 1 else (B, C, D))), activation=activation,
                 tables=[rnd(e, w) for e, w in zip(E, widths)], padding_idx=list(padding_idx))
-    if lengths == "mixed":
-        lens = torch.randint(0, T + 1, (B,), generator=g)
-        if B > 0:
-            lens[0] = T
-        if B > 1:
-            lens[1] = 0
-    elif lengths == "full":
-        lens = torch.full((B,), T, dtype=torch.int64)
-    else:
-        lens = None
+    lens = case_lengths(lengths, B, T, g)
     # few ids per table: duplicates within and across rows
     ids = [torch.randint(0, e, (B, T), generator=g) for e in E]
     if lens is not None:

@@ -68,9 +68,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import reference as _ref
-from ..models import DIN, _MLP, check_din_config
+from ..models import DIN, _MLP, check_attention_options, check_din_config
 from ..nn import AttentionPooling, Dice
-from ..ops.attention_pooling import ACTIVATIONS, NORMALIZATIONS
 
 try:
     import torchrec
@@ -156,11 +155,7 @@ class TorchRecDIN(nn.Module):
                  mlp_activation: str = "prelu", init_std: float = 0.05, device: Optional[torch.device] = None):
         super().__init__()
         check_din_config(num_items, num_categories, user_fields, embed_dim, attention_units, mlp_units, init_std)
-        if attention_activation not in ACTIVATIONS:
-            raise ValueError(f"attention_activation must be one of {ACTIVATIONS}, got {attention_activation!r}")
-        if attention_normalization not in NORMALIZATIONS:
-            raise ValueError(f"attention_normalization must be one of {NORMALIZATIONS}, "
-                             f"got {attention_normalization!r}")
+        check_attention_options(attention_activation, attention_normalization)
         self.embed_dim = embed_dim
         self.num_user_fields = len(user_fields)
 
