@@ -247,6 +247,18 @@ def _aminmax(t: torch.Tensor, bound: int):
     return lo, hi
 
 
+def _on_host(t: torch.Tensor) -> bool:
+    """A plain CPU tensor whose values the C++ helpers can read (not a fake or other subclass)."""
+    return type(t) is torch.Tensor and t.device.type == "cpu"
+
+
+def _host_range(t: torch.Tensor):
+    """``(min, max)`` of a non-empty integer tensor as Python ints, read on the host."""
+    if _on_host(t) and t.dtype in (torch.int32, torch.int64):
+        return _C._int_range(t)
+    return int(t.min()), int(t.max())
+
+
 def check_tensor(t, name: str, *, dims=None, dtype=None, device=None, floating=False):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -273,7 +285,7 @@ def check_lengths(lengths, B: int, T: int, device, name: str = "lengths"):
         return
     mode = value_check_mode(lengths)
     if mode == "sync":
-        lo, hi = int(lengths.min()), int(lengths.max())
+        lo, hi = _host_range(lengths)
         if lo < 0:
             raise ValueError(f"{name} must be non-negative, got a minimum of {lo}")
         if hi > T:
@@ -294,12 +306,16 @@ def check_offsets(offsets, B: int, N: int, device, name: str = "offsets"):
         raise ValueError(f"{name} must have at least one entry (offsets[0] == 0)")
     mode = value_check_mode(offsets)
     if mode == "sync":
-        first, last = int(offsets[0]), int(offsets[-1])
+        if _on_host(offsets) and offsets.dtype in (torch.int32, torch.int64):
+            first, last, monotone = _C._offsets_summary(offsets)
+        else:
+            first, last = int(offsets[0]), int(offsets[-1])
+            monotone = offsets.shape[0] == 1 or not bool((offsets[1:] < offsets[:-1]).any())
         if first != 0:
             raise ValueError(f"{name}[0] must be 0, got {first}")
         if last != N:
             raise ValueError(f"{name}[-1] must equal the number of values N={N}, got {last}")
-        if offsets.shape[0] > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+        if not monotone:
             raise ValueError(f"{name} must be non-decreasing")
     elif mode == "async":
         last = offsets[-1] if _fits(offsets.dtype, N) else offsets[-1].to(torch.int64)
@@ -314,7 +330,7 @@ def check_index_range(indices, num: int, name: str = "indices"):
         return
     mode = value_check_mode(indices)
     if mode == "sync":
-        lo, hi = int(indices.min()), int(indices.max())
+        lo, hi = _host_range(indices)
         if lo < 0 or hi >= num:
             raise ValueError(f"{name} must lie in [0, {num}), got values in [{lo}, {hi}]")
     elif mode == "async":

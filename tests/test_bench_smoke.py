@@ -52,7 +52,9 @@ def test_bench_tiny_preset(tmp_path):
                        == (op, provider, mode, "T", "fp32")]
                 assert len(sel) == 2, (op, provider, mode)  # the tiny preset's two values of T
                 if mode in ("fwd+bwd", "sgd", "adagrad_rowwise"):
-                    assert all(int(r["peak_mem_bytes"]) > 0 for r in sel), (op, provider, mode)
+                    # din_ops' MBA step updates in place and may allocate no tensor at all
+                    in_place = (op, provider) == ("mba_update", "din_ops")
+                    assert all(int(r["peak_mem_bytes"]) > (-1 if in_place else 0) for r in sel), (op, provider, mode)
     att = [r for r in timed if r["op"] == "attention_pooling"]
     assert {r["provider"] for r in att} == {"eager", "careful", "din_ops"}
     assert all(float(r["speedup_vs_eager"]) > 0 for r in att)

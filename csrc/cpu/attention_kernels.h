@@ -83,8 +83,8 @@ template <typename T>
 void fold_layer0_t(const Mlp<T>& m, const T* __restrict q, T* __restrict AbcT) {
   const int64_t H0 = m.H[0], D = m.D;
   for (int64_t d = 0; d < D; ++d) {
-    const T* __restrict wkd = m.WkdT.data() + d * H0;
-    const T* __restrict wp = m.WpT.data() + d * H0;
+    const T* __restrict wkd = m.WkdT() + d * H0;
+    const T* __restrict wp = m.WpT() + d * H0;
     T* __restrict a = AbcT + d * H0;
     const T qd = q[d];
     for (int64_t h = 0; h < H0; ++h) a[h] = wkd[h] + wp[h] * qd;
@@ -108,10 +108,9 @@ void fold_bias0(const Mlp<T>& m, const T* __restrict q, T* __restrict cbc) {
 template <typename T>
 void fold_layer0(const Mlp<T>& m, const T* __restrict q, T* __restrict Abc) {
   const int64_t H0 = m.H[0], D = m.D;
-  const T* Wkd = m.Wkd.data();
   for (int64_t h = 0; h < H0; ++h) {
     const T* __restrict wp = m.Wp + h * 4 * D;
-    const T* __restrict wkd = Wkd + h * D;
+    const T* __restrict wkd = m.W01.data() + h * 2 * D;  // its first half: Wk - Wd
     T* __restrict a = Abc + h * D;
     for (int64_t d = 0; d < D; ++d) a[d] = wkd[d] + wp[d] * q[d];
   }

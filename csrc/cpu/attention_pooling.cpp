@@ -21,11 +21,14 @@
 // baseline, AVX2 and AVX-512 and chosen at run time (cpu_isa in common.h). The AVX-512 build runs
 // the float products in register blocks (gemm512.h) and, for sigmoid MLPs, takes each hidden
 // layer's sigmoid on the registers; the others call the BLAS libtorch links.
+#include <ATen/EmptyTensor.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -33,7 +36,7 @@
 #include "attention_pooling.h"
 #include "common.h"
 
-#ifdef DIN_OPS_MULTI_ISA
+#if defined(DIN_OPS_MULTI_ISA) || defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -63,6 +66,20 @@ Act parse_activation(const std::string& s) {
 bool parse_softmax(const std::string& s) {
   TORCH_CHECK(s == "none" || s == "softmax", "attention_pooling: normalization must be 'none' or 'softmax', got '", s, "'");
   return s == "softmax";
+}
+
+// The kernels' own CPU tensors, allocated without the dispatcher (whose cost, at a few
+// microseconds for a call's handful of tensors, exceeds a small call's memory work).
+at::Tensor new_empty(at::IntArrayRef shape, at::ScalarType dt) { return at::detail::empty_cpu(shape, dt); }
+
+at::Tensor new_zeros(at::IntArrayRef shape, at::ScalarType dt) {
+  at::Tensor t = at::detail::empty_cpu(shape, dt);
+  if (t.numel() < (int64_t{1} << 16)) {
+    std::memset(t.data_ptr(), 0, t.nbytes());
+  } else {
+    t.zero_();  // a parallel fill
+  }
+  return t;
 }
 
 // Whether x[0, n) holds an inf or a NaN (x - x is 0 only for finite x).
@@ -203,10 +220,13 @@ struct Mlp {
   int64_t D = 0, L = 0;
   std::vector<int64_t> H, fan_in;
   std::vector<at::Tensor> W, b;  // [H_l, fan_in_l], [H_l]
-  // Layer 0's blocks: Wkd = Wk - Wd and Wqd = Wq + Wd [H0, D], and W01 = [Wk - Wd | Wp]
-  // [H0, 2D] for the unfolded form of a tile of short runs; the forward's products take them
-  // transposed (WkdT, WpT, WqdT [D, H0], W01T [2D, H0]), as they take WT[l] = W_l^T [fan_in, H_l].
-  std::vector<T> Wkd, Wqd, W01, WkdT, WpT, WqdT, W01T;
+  // Layer 0's blocks: Wqd = Wq + Wd [H0, D] and W01 = [Wk - Wd | Wp] [H0, 2D] (the backward's;
+  // the unfolded form of a tile of short runs multiplies by W01). The forward's products take
+  // them transposed, WqdT [D, H0] and W01T [2D, H0], whose halves are WkdT and WpT [D, H0], as
+  // they take WT[l] = W_l^T [fan_in, H_l].
+  std::vector<T> Wqd, W01, WqdT, W01T;
+  const T* WkdT() const { return W01T.data(); }
+  const T* WpT() const { return W01T.data() + D * H[0]; }
   std::vector<std::vector<T>> WT;  // [L]; WT[0] empty
   const T* Wp = nullptr;         // column block 3 of W0, row stride 4D
   Act act = Act::Identity;
@@ -227,7 +247,36 @@ struct Mlp {
   const T* bias(int64_t l) const { return b[l].data_ptr<T>(); }
 };
 
-at::Tensor acc(const at::Tensor& t, at::ScalarType s) { return t.to(s).contiguous(); }
+// t in the accumulation type, contiguous (t itself when it already is: no dispatcher calls).
+at::Tensor acc(const at::Tensor& t, at::ScalarType s) {
+  return t.scalar_type() == s && t.is_contiguous() ? t : t.to(s).contiguous();
+}
+
+// dst [cols, rows] = src [rows, cols]^T, both contiguous; 4 x 4 blocks in SSE registers for float.
+template <typename T>
+void transpose(const T* __restrict src, int64_t rows, int64_t cols, T* __restrict dst) {
+  int64_t i0 = 0;
+#ifdef __SSE2__
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i0 + 4 <= rows; i0 += 4) {
+      int64_t j = 0;
+      for (; j + 4 <= cols; j += 4) {
+        __m128 r0 = _mm_loadu_ps(src + i0 * cols + j), r1 = _mm_loadu_ps(src + (i0 + 1) * cols + j);
+        __m128 r2 = _mm_loadu_ps(src + (i0 + 2) * cols + j), r3 = _mm_loadu_ps(src + (i0 + 3) * cols + j);
+        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+        _mm_storeu_ps(dst + j * rows + i0, r0);
+        _mm_storeu_ps(dst + (j + 1) * rows + i0, r1);
+        _mm_storeu_ps(dst + (j + 2) * rows + i0, r2);
+        _mm_storeu_ps(dst + (j + 3) * rows + i0, r3);
+      }
+      for (; j < cols; ++j)
+        for (int64_t i = i0; i < i0 + 4; ++i) dst[j * rows + i] = src[i * cols + j];
+    }
+  }
+#endif
+  for (int64_t i = i0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
+}
 
 // Packs the backward's weights for the matrix unit (Mlp::lowp_wb).
 template <typename T>
@@ -271,49 +320,30 @@ Mlp<T> make_mlp(int64_t D, at::TensorList weights, at::TensorList biases, at::Te
     in = m.H.back();
   }
   const at::Tensor& W0 = m.W[0];
-  // plain loops: a few ATen ops here would cost more than a whole small call
+  // plain loops and transposes: this runs at every call, and a small call is otherwise mostly
+  // this setup
   const int64_t H0 = m.H[0];
   const T* w0 = W0.data_ptr<T>();
-  m.Wkd.resize(H0 * D);
   m.Wqd.resize(H0 * D);
   m.W01.resize(H0 * 2 * D);
-  m.WkdT.resize(D * H0);
-  m.WpT.resize(D * H0);
   m.WqdT.resize(D * H0);
   m.W01T.resize(2 * D * H0);
-  // through local pointers, writes in order: these run at every call, and a small call is
-  // otherwise mostly this setup
-  T* __restrict wkd = m.Wkd.data();
-  T* __restrict wqd = m.Wqd.data();
-  T* __restrict w01 = m.W01.data();
   for (int64_t h = 0; h < H0; ++h) {
-    const T* row = w0 + h * 4 * D;
+    const T* __restrict row = w0 + h * 4 * D;
+    T* __restrict wqd = m.Wqd.data() + h * D;
+    T* __restrict w01 = m.W01.data() + h * 2 * D;
     for (int64_t d = 0; d < D; ++d) {
-      wkd[h * D + d] = row[D + d] - row[2 * D + d];
-      wqd[h * D + d] = row[d] + row[2 * D + d];
-      w01[h * 2 * D + d] = row[D + d] - row[2 * D + d];
-      w01[h * 2 * D + D + d] = row[3 * D + d];
+      wqd[d] = row[d] + row[2 * D + d];
+      w01[d] = row[D + d] - row[2 * D + d];
+      w01[D + d] = row[3 * D + d];
     }
   }
-  T* __restrict wkdT = m.WkdT.data();
-  T* __restrict wpT = m.WpT.data();
-  T* __restrict wqdT = m.WqdT.data();
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t h = 0; h < H0; ++h) {
-      wkdT[d * H0 + h] = wkd[h * D + d];
-      wqdT[d * H0 + h] = wqd[h * D + d];
-      wpT[d * H0 + h] = w0[h * 4 * D + 3 * D + d];
-    }
-  std::memcpy(m.W01T.data(), wkdT, D * H0 * sizeof(T));
-  std::memcpy(m.W01T.data() + D * H0, wpT, D * H0 * sizeof(T));
+  transpose(m.W01.data(), H0, 2 * D, m.W01T.data());
+  transpose(m.Wqd.data(), H0, D, m.WqdT.data());
   m.WT.resize(m.L);
   for (int64_t l = 1; l < m.L; ++l) {
-    const int64_t H = m.H[l], Hin = m.fan_in[l];
-    const T* __restrict w = m.W[l].template data_ptr<T>();
-    m.WT[l].resize(Hin * H);
-    T* __restrict wt = m.WT[l].data();
-    for (int64_t j = 0; j < Hin; ++j)
-      for (int64_t h = 0; h < H; ++h) wt[j * H + h] = w[h * Hin + j];
+    m.WT[l].resize(m.fan_in[l] * m.H[l]);
+    transpose(m.W[l].template data_ptr<T>(), m.H[l], m.fan_in[l], m.WT[l].data());
   }
   m.Wp = w0 + 3 * D;
   if (lowp != at::ScalarType::Undefined) {
@@ -353,6 +383,26 @@ Mlp<T> make_mlp(int64_t D, at::TensorList weights, at::TensorList biases, at::Te
     for (const at::Tensor& t : *group) m.nonfinite |= has_nonfinite(t.template data_ptr<T>(), t.numel());
   return m;
 }
+
+// The per-range double sums of the parameter gradients (GradLayout order). A range's buffer is
+// allocated and written by its first tile, so nothing is zeroed, and a range without a tile
+// has none.
+struct GradParts {
+  int64_t size = 0;
+  std::vector<std::unique_ptr<double[]>> buf;
+  GradParts(int64_t n_ranges, int64_t size) : size(size), buf(n_ranges) {}
+  template <typename T>
+  void add(int64_t part, const T* __restrict g) {
+    if (!buf[part]) {
+      buf[part].reset(new double[size]);
+      double* __restrict d = buf[part].get();
+      for (int64_t i = 0; i < size; ++i) d[i] = g[i];
+    } else {
+      double* __restrict d = buf[part].get();
+      for (int64_t i = 0; i < size; ++i) d[i] += g[i];
+    }
+  }
+};
 
 // Offsets of each parameter's gradient inside one flat per-range buffer.
 struct GradLayout {
@@ -405,8 +455,9 @@ struct Workspace {
     std::fill(g.begin(), g.end(), T(0));
     return g.data();
   }
-  void add_grads(std::vector<double>& sums) const {
-    for (size_t i = 0; i < g.size(); ++i) sums[i] += g[i];
+  template <typename Parts>
+  void add_grads(Parts& parts, int64_t part) const {
+    parts.add(part, g.data());
   }
   std::vector<Segment> segs;
   int64_t M = 0;
@@ -718,7 +769,7 @@ struct AccInputs {
 
 AccInputs acc_inputs(const at::Tensor& query, const at::Tensor& keys) {
   const auto s = acc_scalar_type(query.scalar_type());
-  return {query.to(s).contiguous(), keys.to(s).contiguous()};
+  return {acc(query, s), acc(keys, s)};
 }
 
 }  // namespace
@@ -733,9 +784,8 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_kernel(
   const bool softmax = parse_softmax(std::string(normalization));
   const auto acc_s = acc_scalar_type(query.scalar_type());
   const bool raw_keys = query.scalar_type() == at::kBFloat16 && use_lowp(at::kBFloat16);
-  const AccInputs ai = raw_keys ? AccInputs{query.to(acc_s).contiguous(), keys.contiguous()} : acc_inputs(query, keys);
-  auto opts = ai.q.options();
-  at::Tensor out = at::zeros({r.B, r.C, r.D}, opts);
+  const AccInputs ai = raw_keys ? AccInputs{acc(query, acc_s), keys.contiguous()} : acc_inputs(query, keys);
+  at::Tensor out = new_zeros({r.B, r.C, r.D}, acc_s);
   std::vector<int64_t> attn_shape;
   if (r.jagged) {
     attn_shape = query.dim() == 2 ? std::vector<int64_t>{r.P} : std::vector<int64_t>{r.P, r.C};
@@ -743,7 +793,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_kernel(
     const int64_t T = keys.size(1);
     attn_shape = query.dim() == 2 ? std::vector<int64_t>{r.B, T} : std::vector<int64_t>{r.B, r.C, T};
   }
-  at::Tensor attn = at::zeros(attn_shape, opts);
+  at::Tensor attn = new_zeros(attn_shape, acc_s);
   AT_DISPATCH_FLOATING_TYPES(acc_s, "attention_pooling_cpu", [&] {
     const Mlp<scalar_t> m = make_mlp<scalar_t>(r.D, weights, biases, act_weights, norm_mean, norm_var, norm_weight,
                                                norm_bias, std::string(activation), eps,
@@ -758,7 +808,9 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_kernel(
     forward_impl<scalar_t>(r, m, in, softmax, static_cast<scalar_t>(scale), attn.data_ptr<scalar_t>(),
                            out.data_ptr<scalar_t>());
   });
-  return {out.view(query.sizes()).to(query.scalar_type()), attn.to(query.scalar_type())};
+  const auto dt = query.scalar_type();
+  out = out.view(query.sizes());
+  return {dt == acc_s ? out : out.to(dt), dt == acc_s ? attn : attn.to(dt)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -766,36 +818,76 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_kernel(
 namespace {
 
 
-// Reduces the per-range buffers in range order and cuts the result into the gradient tensors.
+// Reduces the per-range buffers in range order and writes the gradient tensors. Elements are
+// independent, so a large reduction runs in chunks on several threads with the same result.
 template <typename T>
-GradTuple finish_grads(const Mlp<T>& m, const GradLayout& lay, const std::vector<std::vector<double>>& parts,
-                       at::Tensor gq, at::Tensor gk, const at::Tensor& query, const at::Tensor& keys,
-                       at::TensorList weights, at::TensorList act_weights, at::TensorList norm_mean,
-                       at::TensorList norm_weight, at::TensorList norm_bias) {
-  std::vector<double> sum(lay.size, 0.0);
-  for (const auto& p : parts)
-    for (int64_t i = 0; i < lay.size; ++i) sum[i] += p[i];
-  std::vector<T> total(sum.begin(), sum.end());
-  const auto acc_opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto slice = [&](int64_t off, at::IntArrayRef shape, at::ScalarType dt) {
-    at::Tensor t = at::empty(shape, acc_opts);
-    std::memcpy(t.data_ptr<T>(), total.data() + off, t.numel() * sizeof(T));
-    return t.to(dt);
+GradTuple finish_grads(const Mlp<T>& m, const GradLayout& lay, const GradParts& parts, at::Tensor gq,
+                       at::Tensor gk, const at::Tensor& query, const at::Tensor& keys, at::TensorList weights,
+                       at::TensorList act_weights, at::TensorList norm_mean, at::TensorList norm_weight,
+                       at::TensorList norm_bias) {
+  std::vector<const double*> src;
+  for (const auto& p : parts.buf)
+    if (p) src.push_back(p.get());
+  const auto acc_s = c10::CppTypeToScalarType<T>::value;
+  struct Out {
+    int64_t off;
+    at::Tensor t;  // accumulation type
   };
-  const auto dt = query.scalar_type();
-  std::vector<at::Tensor> gW, gb, ga, gmean, gvar, ggamma, gbeta;
-  for (int64_t l = 0; l < m.L; ++l) {
-    gW.push_back(slice(lay.W[l], weights[l].sizes(), dt));
-    gb.push_back(slice(lay.b[l], {m.H[l]}, dt));
-  }
-  for (size_t l = 0; l < lay.alpha.size(); ++l) ga.push_back(slice(lay.alpha[l], act_weights[l].sizes(), dt));
+  std::vector<Out> outs;
+  auto take = [&](int64_t off, at::IntArrayRef shape) {
+    outs.push_back({off, new_empty(shape, acc_s)});
+    return outs.size() - 1;
+  };
+  std::vector<size_t> iW, ib, ia, imean, ivar, igamma, ibeta;
+  for (int64_t l = 0; l < m.L; ++l) iW.push_back(take(lay.W[l], weights[l].sizes()));
+  for (int64_t l = 0; l < m.L; ++l) ib.push_back(take(lay.b[l], {m.H[l]}));
+  for (size_t l = 0; l < lay.alpha.size(); ++l) ia.push_back(take(lay.alpha[l], act_weights[l].sizes()));
   for (size_t l = 0; l < lay.mean.size(); ++l) {
-    gmean.push_back(slice(lay.mean[l], {m.H[l]}, norm_mean[l].scalar_type()));
-    gvar.push_back(slice(lay.var[l], {m.H[l]}, norm_mean[l].scalar_type()));
-    if (!norm_weight.empty()) ggamma.push_back(slice(lay.gamma[l], {m.H[l]}, dt));
-    if (!norm_bias.empty()) gbeta.push_back(slice(lay.beta[l], {m.H[l]}, dt));
+    imean.push_back(take(lay.mean[l], {m.H[l]}));
+    ivar.push_back(take(lay.var[l], {m.H[l]}));
+    if (!norm_weight.empty()) igamma.push_back(take(lay.gamma[l], {m.H[l]}));
+    if (!norm_bias.empty()) ibeta.push_back(take(lay.beta[l], {m.H[l]}));
   }
-  return {gq.view(query.sizes()).to(dt), gk.view(keys.sizes()).to(dt), gW, gb, ga, gmean, gvar, ggamma, gbeta};
+  // jobs of up to kChunk elements of one tensor
+  constexpr int64_t kChunk = 4096;
+  std::vector<std::array<int64_t, 3>> jobs;  // output, first element, end
+  for (size_t o = 0; o < outs.size(); ++o)
+    for (int64_t i = 0, n = outs[o].t.numel(); i < n; i += kChunk) jobs.push_back({int64_t(o), i, std::min(n, i + kChunk)});
+  auto run = [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const Out& o = outs[jobs[j][0]];
+      T* __restrict dst = o.t.template data_ptr<T>();
+      const int64_t i0 = jobs[j][1], i1 = jobs[j][2];
+      if (src.empty()) {
+        std::fill(dst + i0, dst + i1, T(0));
+        continue;
+      }
+      double sum[kChunk];
+      const double* __restrict s0 = src[0] + o.off;
+      for (int64_t i = i0; i < i1; ++i) sum[i - i0] = s0[i];
+      for (size_t p = 1; p < src.size(); ++p) {
+        const double* __restrict sp = src[p] + o.off;
+        for (int64_t i = i0; i < i1; ++i) sum[i - i0] += sp[i];
+      }
+      for (int64_t i = i0; i < i1; ++i) dst[i] = static_cast<T>(sum[i - i0]);
+    }
+  };
+  const int64_t n_jobs = static_cast<int64_t>(jobs.size());
+  if (static_cast<int64_t>(src.size()) * lay.size >= (int64_t{1} << 18) && n_jobs > 1) {
+    at::parallel_for(0, n_jobs, 1, run);
+  } else {
+    run(0, n_jobs);
+  }
+  const auto dt = query.scalar_type();
+  auto as = [](const at::Tensor& t, at::ScalarType s) { return t.scalar_type() == s ? t : t.to(s); };
+  auto pick = [&](const std::vector<size_t>& idx, at::ScalarType s) {
+    std::vector<at::Tensor> v;
+    for (size_t i : idx) v.push_back(as(outs[i].t, s));
+    return v;
+  };
+  const auto st = norm_mean.empty() ? dt : norm_mean[0].scalar_type();
+  return {as(gq.view(query.sizes()), dt), as(gk.view(keys.sizes()), dt), pick(iW, dt), pick(ib, dt), pick(ia, dt),
+          pick(imean, st), pick(ivar, st), pick(igamma, dt), pick(ibeta, dt)};
 }
 
 }  // namespace
@@ -812,17 +904,17 @@ GradTuple attention_pooling_backward_kernel(
   TORCH_CHECK(attn.numel() == r.P * r.C, "attention_pooling_backward: attn shape");
   const auto acc_s = acc_scalar_type(query.scalar_type());
   const AccInputs ai = acc_inputs(query, keys);
-  const at::Tensor go = grad_out.to(acc_s).contiguous();
-  const at::Tensor w = attn.to(acc_s).contiguous();
+  const at::Tensor go = acc(grad_out, acc_s);
+  const at::Tensor w = acc(attn, acc_s);
   at::Tensor ga;
   if (grad_attn.has_value() && grad_attn->defined()) {
     TORCH_CHECK(grad_attn->numel() == r.P * r.C, "attention_pooling_backward: grad_attn shape");
-    ga = grad_attn->to(acc_s).contiguous();
+    ga = acc(*grad_attn, acc_s);
   }
-  at::Tensor gq = at::zeros({r.B * r.C, r.D}, ai.q.options());
+  at::Tensor gq = new_zeros({r.B * r.C, r.D}, acc_s);
   // every valid position is written by the pooling pass below, the padding is zeroed there
-  at::Tensor gk = at::empty({r.P, r.D}, ai.q.options());
-  at::Tensor ds = at::empty({r.P * r.C}, ai.q.options());
+  at::Tensor gk = new_empty({r.P, r.D}, acc_s);
+  at::Tensor ds = new_empty({r.P * r.C}, acc_s);
   GradTuple result;
   AT_DISPATCH_FLOATING_TYPES(acc_s, "attention_pooling_backward_cpu", [&] {
     using T = scalar_t;
@@ -834,7 +926,7 @@ GradTuple attention_pooling_backward_kernel(
     const Work work = make_units(r);
     const auto ranges = row_ranges(r, m);
     const int64_t n_ranges = static_cast<int64_t>(ranges.size()) - 1;
-    std::vector<std::vector<double>> parts(n_ranges, std::vector<double>(lay.size, 0.0));
+    GradParts parts(n_ranges, lay.size);
     const T* pw = w.data_ptr<T>();
     const T* pga = ga.defined() ? ga.data_ptr<T>() : nullptr;
     const T* pgo = go.data_ptr<T>();
@@ -857,7 +949,7 @@ GradTuple attention_pooling_backward_kernel(
             for (int64_t i = 0; i < s.n; ++i) wk.dZ[s.off + i] = src[i * r.sT];
           }
           K.tile_backward(m, lay, r, in, wk, wk.start_grads(), pgk, pgq);
-          wk.add_grads(parts[part]);
+          wk.add_grads(parts, part);
         });
       }
     }, small_call(r, m));
@@ -969,7 +1061,7 @@ GradTuple attention_pooling_stats_backward_kernel(
     const auto ranges = row_ranges(r, m);
     const int64_t n_ranges = static_cast<int64_t>(ranges.size()) - 1;
     const Kernels<T> K = kernels<T>();
-    std::vector<std::vector<double>> parts(n_ranges, std::vector<double>(lay.size, 0.0));
+    GradParts parts(n_ranges, lay.size);
     const T n = T(std::max<int64_t>(r.valid * r.C, 1));
     const T* pgm = gmean.data_ptr<T>();
     const T* pgv = gvar.data_ptr<T>();
@@ -983,7 +1075,7 @@ GradTuple attention_pooling_stats_backward_kernel(
           K.tile_forward(m, r, in, wk);
           K.stats_dz(wk.Z[m.L - 1].data(), wk.M, H, pgm, pgv, pmu, n, wk.dZ.data());
           K.tile_backward(m, lay, r, in, wk, wk.start_grads(), pgk, pgq);
-          wk.add_grads(parts[part]);
+          wk.add_grads(parts, part);
         });
       }
     }, small_call(r, m));
