@@ -503,6 +503,69 @@ def test_bad_input_names_argument(case):
         _call(**over)
 
 
+BAD_NUMBERS = {
+    "scale_inf": (dict(scale=float("inf")), "scale"),
+    "scale_bool": (dict(scale=True), "scale"),
+    "eps_zero": (dict(eps=0.0), "eps"),
+    "momentum_above_1": (dict(momentum=1.5), "momentum"),
+    "weights_sparse": (dict(weights=[torch.randn(6, 20).to_sparse(), torch.randn(1, 6)]), "weights[0]"),
+    "weights_not_tensors": (dict(weights=[torch.randn(6, 20), "w"]), "weights[1]"),
+    "dice_alpha_with_sigmoid": (dict(dice_alpha=[torch.zeros(6)]), "dice_alpha"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NUMBERS))
+def test_bad_option_names_argument(case):
+    over, name = BAD_NUMBERS[case]
+    with pytest.raises((ValueError, TypeError), match=__import__("re").escape(name)):
+        _call(**over)
+
+
+def _args_ok(a):
+    """din_ops._C's one-call check of the public function's fast path (False or TypeError: no)."""
+    try:
+        return din_ops._C._attention_args_ok(a["query"], a["keys"], a.get("lengths"), a.get("offsets"),
+                                             a["weights"], a["biases"], a.get("activation", "sigmoid"),
+                                             a.get("normalization", "none"))
+    except TypeError:
+        return False
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_fast_check_refuses_what_the_python_checks_refuse(case):
+    a = _good()
+    a.update(BAD[case][0])
+    assert not _args_ok(a)
+
+
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+@pytest.mark.parametrize("C", [None, 3])
+def test_fast_path_is_taken_and_matches_the_checked_path(monkeypatch, layout, normalization, C):
+    """Plain CPU calls skip the Python checks (din_ops._C checks them in one call) and give the
+    same bits as the checked path (taken here for a NumPy scale, which the fast path leaves to
+    the Python checks)."""
+    import numpy as np
+    q, k, lengths, W, b, kw, params = make_case(B=5, T=6, D=5, hidden=(7, 4), dtype=torch.float64, C=C)
+    args = dict(lengths=lengths)
+    if layout == "jagged":
+        k, offsets = to_jagged(k, lengths)
+        args = dict(offsets=offsets)
+    slow = din_ops.attention_pooling(q, k, W, b, normalization=normalization, scale=np.float64(0.5),
+                                     return_weights=True, **args)
+    from din_ops.ops import attention_pooling as ap
+
+    def refuse(*a, **k):
+        raise AssertionError("the Python checks ran")
+    monkeypatch.setattr(ap, "check_attention_pooling_options", refuse)
+    fast = din_ops.attention_pooling(q, k, W, b, normalization=normalization, scale=0.5, return_weights=True, **args)
+    for x, y in zip(fast, slow):
+        assert torch.equal(x, y)
+    ref = R.attention_pooling(q, k, W, b, normalization=normalization, scale=0.5, return_weights=True, **args)
+    for x, y in zip(fast, ref):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
 def test_bad_jagged_offsets():
     q = torch.randn(3, 5)
     k = torch.randn(6, 5)

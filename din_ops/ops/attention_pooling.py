@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .. import _C
 from .. import _library as lib
 from .. import reference
 
@@ -419,6 +420,32 @@ def unit_lists(query, keys, lengths, offsets, weights, biases, activation, norma
     return act_weights, norm_mean, norm_var, norm_weight, norm_bias
 
 
+def _plain_number(v) -> bool:
+    return (type(v) is float or type(v) is int) and math.isfinite(v)
+
+
+def _fast_path(query, keys, lengths, offsets, weights, biases, activation, normalization, scale, prelu_weights,
+               dice_alpha, dice_running_mean, dice_running_var, dice_gamma, dice_beta, momentum, eps) -> bool:
+    """Whether every check of the public function passes, asked of ``din_ops._C`` in one call
+    (the Python checks cost more than a small call's kernel): eager CPU calls without autocast,
+    for the activations without parameters. False means "run the Python checks", which then
+    raise the error (or pass: the C++ side says no whenever in doubt)."""
+    if (prelu_weights is not None or dice_alpha is not None or dice_running_mean is not None
+            or dice_running_var is not None or dice_gamma is not None or dice_beta is not None
+            or torch.compiler.is_compiling() or type(query) is not torch.Tensor or type(keys) is not torch.Tensor
+            or type(weights) not in (list, tuple) or type(biases) not in (list, tuple)
+            or not (_plain_number(scale) and _plain_number(eps) and eps > 0 and _plain_number(momentum)
+                    and 0 <= momentum <= 1)
+            or not (lengths is None or type(lengths) is torch.Tensor)
+            or not (offsets is None or type(offsets) is torch.Tensor)
+            or query.device.type != "cpu" or torch.is_autocast_enabled("cpu")):
+        return False
+    try:
+        return _C._attention_args_ok(query, keys, lengths, offsets, weights, biases, activation, normalization)
+    except (TypeError, RuntimeError):  # an argument pybind11 cannot convert: the Python checks name it
+        return False
+
+
 def attention_pooling(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -486,6 +513,11 @@ def attention_pooling(
     (``din_ops.reference``, which materializes the ``[B, C, T, 4D]`` concatenation) instead of
     running the fused kernel, so it costs more time and memory than the ordinary backward.
     """
+    if _fast_path(query, keys, lengths, offsets, weights, biases, activation, normalization, scale, prelu_weights,
+                  dice_alpha, dice_running_mean, dice_running_var, dice_gamma, dice_beta, momentum, eps):
+        out, attn = _ops.attention_pooling(query, keys, lengths, offsets, list(weights), list(biases), None, None,
+                                           None, None, None, activation, normalization, float(scale), float(eps))
+        return (out, attn) if return_weights else out
     check_attention_pooling_options(query, weights, biases, activation, normalization, scale, prelu_weights,
                                     dice_alpha, dice_running_mean, dice_running_var, dice_gamma, dice_beta,
                                     momentum, eps)
