@@ -438,18 +438,47 @@ struct Segment {
 // the folded layer-0 matrix of the current (row, candidate), and backward buffers.
 // The unfolded form's buffers: X = [k, k * q] per pair [kTile, 2D], the runs' queries Qs
 // [kTile, D] and terms Cs [kTile, H0], and their gradients.
+// A vector whose resize leaves its elements uninitialized: every scratch buffer of a tile is
+// written before it is read, and zeroing a call's workspace (some 400 KB at a tile of 256
+// pairs) cost as much as a short call's arithmetic. Built with DIN_OPS_POISON_SCRATCH, new
+// elements are NaN instead, so a read before the write shows in the results (tests).
+template <typename T>
+struct NoInit : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = NoInit<U>;
+  };
+  NoInit() = default;
+  template <typename U>
+  NoInit(const NoInit<U>&) {}
+  template <typename U>
+  void construct(U* p) {
+#ifdef DIN_OPS_POISON_SCRATCH
+    ::new (static_cast<void*>(p)) U(std::numeric_limits<U>::quiet_NaN());
+#else
+    ::new (static_cast<void*>(p)) U;
+#endif
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+template <typename T>
+using Scratch = std::vector<T, NoInit<T>>;
+
 template <typename T>
 struct Workspace {
-  std::vector<std::vector<T>> Z, A;
-  std::vector<T> Abc, cbc, dA0, dc0, dZ, dZprev;  // Abc: [H0, D] (backward) or [D, H0] (forward)
-  std::vector<T> X, Qs, Cs, dX, dW01, dQs;
+  std::vector<Scratch<T>> Z, A;
+  Scratch<T> Abc, cbc, dA0, dc0, dZ, dZprev;  // Abc: [H0, D] (backward) or [D, H0] (forward)
+  Scratch<T> X, Qs, Cs, dX, dW01, dQs;
   std::vector<uint16_t> Xl, Al;  // bf16/fp16 operands of the matrix unit: [kTile, Kp]
   std::vector<uint16_t> dZl;     // the backward's dZ as such an operand
   std::vector<uint16_t> dZt, Aw, Bp;  // weight gradients on the matrix unit: dZ^T, A, A packed
   // The tile's parameter gradients (GradLayout), added to the range's double sums after each
   // tile: under Dice's batch statistics they cancel to a few digits, and float sums over a whole
   // range would lose them.
-  std::vector<T> g;
+  Scratch<T> g;
 
   T* start_grads() {
     std::fill(g.begin(), g.end(), T(0));
@@ -873,7 +902,7 @@ GradTuple finish_grads(const Mlp<T>& m, const GradLayout& lay, const GradParts& 
     }
   };
   const int64_t n_jobs = static_cast<int64_t>(jobs.size());
-  if (static_cast<int64_t>(src.size()) * lay.size >= (int64_t{1} << 18) && n_jobs > 1) {
+  if (static_cast<int64_t>(src.size()) * lay.size >= (int64_t{1} << 16) && n_jobs > 1) {
     at::parallel_for(0, n_jobs, 1, run);
   } else {
     run(0, n_jobs);
