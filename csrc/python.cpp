@@ -90,24 +90,6 @@ bool plain(const at::Tensor& t, int64_t dims, at::ScalarType dt, const at::Devic
   return t.defined() && t.layout() == at::kStrided && t.dim() == dims && t.scalar_type() == dt && t.device() == dev;
 }
 
-template <typename I>
-bool lengths_ok(const at::Tensor& c, int64_t T) {
-  const I* p = c.data_ptr<I>();
-  for (int64_t i = 0, n = c.numel(); i < n; ++i)
-    if (p[i] < 0 || p[i] > T) return false;
-  return true;
-}
-
-template <typename I>
-bool offsets_ok(const at::Tensor& c, int64_t N) {
-  const I* p = c.data_ptr<I>();
-  const int64_t n = c.numel();
-  if (p[0] != 0 || static_cast<int64_t>(p[n - 1]) != N) return false;
-  for (int64_t i = 1; i < n; ++i)
-    if (p[i] < p[i - 1]) return false;
-  return true;
-}
-
 bool index_tensor(const at::Tensor& t, const at::Device& dev) {
   return t.layout() == at::kStrided && t.dim() == 1 && t.device() == dev &&
          (t.scalar_type() == at::kInt || t.scalar_type() == at::kLong);
@@ -131,17 +113,17 @@ bool attention_args_ok(const at::Tensor& query, const at::Tensor& keys, const st
     if (lengths.has_value()) {
       const at::Tensor& l = *lengths;
       if (!index_tensor(l, dev) || l.size(0) != B) return false;
-      const at::Tensor c = l.contiguous();
-      const int64_t T = keys.size(1);
-      if (!(c.scalar_type() == at::kInt ? lengths_ok<int32_t>(c, T) : lengths_ok<int64_t>(c, T))) return false;
+      if (B > 0) {
+        const auto [lo, hi] = int_range(l);
+        if (lo < 0 || hi > keys.size(1)) return false;
+      }
     }
   } else if (keys.dim() == 2) {
     if (!offsets.has_value() || lengths.has_value() || keys.size(1) != D) return false;
     const at::Tensor& o = *offsets;
     if (!index_tensor(o, dev) || o.size(0) != B + 1) return false;
-    const at::Tensor c = o.contiguous();
-    const int64_t N = keys.size(0);
-    if (!(c.scalar_type() == at::kInt ? offsets_ok<int32_t>(c, N) : offsets_ok<int64_t>(c, N))) return false;
+    const auto [first, last, monotone] = offsets_summary(o);
+    if (first != 0 || last != keys.size(0) || !monotone) return false;
   } else {
     return false;
   }

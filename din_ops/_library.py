@@ -248,13 +248,14 @@ def _aminmax(t: torch.Tensor, bound: int):
 
 
 def _on_host(t: torch.Tensor) -> bool:
-    """A plain CPU tensor whose values the C++ helpers can read (not a fake or other subclass)."""
-    return type(t) is torch.Tensor and t.device.type == "cpu"
+    """A plain int32/int64 CPU tensor whose values the C++ helpers can read (not a fake or other
+    subclass)."""
+    return type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype in (torch.int32, torch.int64)
 
 
 def _host_range(t: torch.Tensor):
     """``(min, max)`` of a non-empty integer tensor as Python ints, read on the host."""
-    if _on_host(t) and t.dtype in (torch.int32, torch.int64):
+    if _on_host(t):
         return _C._int_range(t)
     return int(t.min()), int(t.max())
 
@@ -306,7 +307,7 @@ def check_offsets(offsets, B: int, N: int, device, name: str = "offsets"):
         raise ValueError(f"{name} must have at least one entry (offsets[0] == 0)")
     mode = value_check_mode(offsets)
     if mode == "sync":
-        if _on_host(offsets) and offsets.dtype in (torch.int32, torch.int64):
+        if _on_host(offsets):
             first, last, monotone = _C._offsets_summary(offsets)
         else:
             first, last = int(offsets[0]), int(offsets[-1])

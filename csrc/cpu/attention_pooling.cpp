@@ -484,10 +484,6 @@ struct Workspace {
     std::fill(g.begin(), g.end(), T(0));
     return g.data();
   }
-  template <typename Parts>
-  void add_grads(Parts& parts, int64_t part) const {
-    parts.add(part, g.data());
-  }
   std::vector<Segment> segs;
   int64_t M = 0;
   bool keep_nan = false;  // the tile may hold a NaN pre-activation: NaN-keeping sigmoid
@@ -978,7 +974,7 @@ GradTuple attention_pooling_backward_kernel(
             for (int64_t i = 0; i < s.n; ++i) wk.dZ[s.off + i] = src[i * r.sT];
           }
           K.tile_backward(m, lay, r, in, wk, wk.start_grads(), pgk, pgq);
-          wk.add_grads(parts, part);
+          parts.add(part, wk.g.data());
         });
       }
     }, small_call(r, m));
@@ -1104,7 +1100,7 @@ GradTuple attention_pooling_stats_backward_kernel(
           K.tile_forward(m, r, in, wk);
           K.stats_dz(wk.Z[m.L - 1].data(), wk.M, H, pgm, pgv, pmu, n, wk.dZ.data());
           K.tile_backward(m, lay, r, in, wk, wk.start_grads(), pgk, pgq);
-          wk.add_grads(parts, part);
+          parts.add(part, wk.g.data());
         });
       }
     }, small_call(r, m));
