@@ -7,6 +7,7 @@
 #include <mutex>
 
 #include "autograd.h"
+#include "cpu/attention_pooling.h"
 #include "cpu/embedding_attention_pooling.h"
 
 #ifdef _OPENMP
@@ -161,6 +162,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("_attention_args_ok", &attention_args_ok);
   m.def("_offsets_summary", &offsets_summary);
   m.def("_set_embedding_chunk_elems", &din_ops::cpu::set_embedding_chunk_elems);
+  // which unit runs attention_pooling's bf16 / fp16 products on this CPU (tests, benchmarks)
+  m.def("_lowp_unit", [](const std::string& dtype) {
+    TORCH_CHECK(dtype == "bfloat16" || dtype == "float16", "_lowp_unit: 'bfloat16' or 'float16'");
+    return std::string(din_ops::cpu::lowp_unit_name(dtype == "bfloat16" ? at::kBFloat16 : at::kHalf));
+  });
   m.attr("with_cuda") =
 #ifdef DIN_OPS_WITH_CUDA
       true;

@@ -21,16 +21,21 @@ def requirements(name: str):
         return [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
 
 
+# The shared dependencies at one version for every library: the tests install them into the
+# running process, and a later install that changed a module already imported (scikit-learn,
+# unpinned by DeepCTR-Torch and torch-rechub, pinned by the RecBole line below) breaks it.
+SHARED = ["scikit-learn==1.7.2", "pandas==2.3.3"]
+
 # library -> pip install commands (argument lists); the first package is the library itself
 PINS = {
     # deepctr_torch/__init__ asks PyPI for a newer version with requests
-    "deepctr_torch": [["deepctr-torch==0.3.0", "requests==2.34.2"]],
-    "torch_rechub": [["torch-rechub==0.9.0"]],
+    "deepctr_torch": [["deepctr-torch==0.3.0", "requests==2.34.2", *SHARED]],
+    "torch_rechub": [["torch-rechub==0.9.0", *SHARED]],
     # recbole.model.layers imports recbole.utils: logging colours, yaml, pandas, scipy,
     # scikit-learn and torch.utils.tensorboard
     "recbole": [["--no-deps", "recbole==1.2.1"],
                 ["colorlog==4.7.2", "colorama==0.4.4", "texttable==1.7.0", "tensorboard==2.21.0",
-                 "pyyaml==6.0.3", "pandas==2.3.3", "scipy==1.17.1", "scikit-learn==1.7.2", "tqdm==4.67.1"]],
+                 "pyyaml==6.0.3", "scipy==1.17.1", "tqdm==4.67.1", *SHARED]],
     # the optional extra requirements-torchrec.txt, with --no-deps as its header says
     "torchrec": [["--no-deps", *requirements("torchrec")]],
 }

@@ -159,6 +159,27 @@ def test_half_precision(dtype, tol, normalization):
     check_half_precision(q, k, lengths, W, b, kw, params, dtype, tol, normalization)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_softmax_backward_renormalizes_rounded_weights(dtype):
+    """Softmax does not change when every score moves by the same amount, so the last layer's
+    bias gradient is exactly 0. The backward reads the saved weights, rounded to the input
+    dtype, whose sum is off 1 by that rounding; ds_t = w_t (dw_t - sum_u w_u dw_u) then sums to
+    (1 - sum_u w_u) sum_u w_u dw_u instead of 0, an error that reaches every parameter gradient
+    (0.01 here in bf16, with keys of magnitude ~20). Divided by their sum, the weights are
+    consistent again and the sum is 0 to float rounding."""
+    lengths = torch.tensor([60, 1, 37, 60, 12, 55])
+    q, k, _, W, b, kw, params = make_case(B=6, T=60, D=7, hidden=(6, 4), dtype=dtype, lengths=lengths)
+    k = (k.float() * 20).to(dtype)
+    got = run(din_ops.attention_pooling, q, k, W, b, kw, params, lengths=lengths, normalization="softmax")
+    grad_last_bias = got[-1]
+    assert grad_last_bias.shape == (1,)
+    assert float(grad_last_bias.double().abs().max()) < 1e-4
+    up = lambda ts: [t.double() for t in ts]  # noqa: E731
+    want = run(R.attention_pooling, q.double(), k.double(), up(W), up(b), kw, up(params), lengths=lengths,
+               normalization="softmax")
+    assert float(want[-1].abs().max()) < 1e-12  # the reference agrees: 0 up to float64 rounding
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 8e-2), (torch.float16, 2e-2)])
 @pytest.mark.parametrize("hidden", [(33, 17), (40, 16, 8), (24, 8, 20)])
 def test_half_precision_matrix_unit(dtype, tol, hidden):

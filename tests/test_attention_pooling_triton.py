@@ -256,6 +256,20 @@ def test_triton_dtypes(device, backend, dtype, act):
                    for k, g in grads.items())
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_softmax_backward_renormalizes_rounded_weights(device, backend, dtype):
+    """As the CPU kernel (tests/test_attention_pooling.py): the last layer's bias gradient is
+    exactly 0 under softmax, and the saved fp16/bf16 weights, divided by their sum, keep it at 0
+    to float rounding (not (1 - sum w) sum w dw)."""
+    case = make_case(B=3, T=40, D=6, hidden=(8, 5), dtype=dtype, device=device, lengths="full")
+    case["keys"] = (case["keys"].float() * 20).to(dtype)
+    with _run(backend):
+        _, _, grads = _evaluate(din_ops.attention_pooling, case, "softmax", 1.0, True, attn_grad=torch.zeros_like)
+    last = f"biases[{len(case['biases']) - 1}]"
+    assert float(grads[last].double().abs().max()) < 1e-4
+
+
 # --- layouts agree, determinism ---------------------------------------------------------------------
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("normalization", ["none", "softmax"])

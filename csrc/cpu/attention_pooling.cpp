@@ -126,13 +126,23 @@ Rows describe_rows(const at::Tensor& query, const at::Tensor& keys, const std::o
       TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == r.B, "attention_pooling: lengths must be [B]");
       l = lengths->to(at::kLong).contiguous();
     }
+    const int64_t* lp = l.defined() ? l.data_ptr<int64_t>() : nullptr;
+    int64_t* __restrict start = r.start.data();
+    int64_t* __restrict len = r.len.data();
+    int64_t valid = 0;
+    bool ok = true;
     for (int64_t b = 0; b < r.B; ++b) {
-      const int64_t n = l.defined() ? l.data_ptr<int64_t>()[b] : T;
-      TORCH_CHECK(n >= 0 && n <= T, "attention_pooling: lengths[", b, "] = ", n, " is outside [0, T=", T, "]");
-      r.start[b] = b * T;
-      r.len[b] = n;
-      r.valid += n;
+      const int64_t n = lp != nullptr ? lp[b] : T;
+      ok &= n >= 0 && n <= T;
+      start[b] = b * T;
+      len[b] = n;
+      valid += n;
     }
+    if (!ok)
+      for (int64_t b = 0; b < r.B; ++b)
+        TORCH_CHECK(len[b] >= 0 && len[b] <= T, "attention_pooling: lengths[", b, "] = ", len[b],
+                    " is outside [0, T=", T, "]");
+    r.valid = valid;
   } else {
     TORCH_CHECK(offsets.has_value(), "attention_pooling: jagged keys [N, D] need offsets");
     TORCH_CHECK(!lengths.has_value(), "attention_pooling: lengths is for padded keys [B, T, D]");
@@ -161,6 +171,9 @@ Rows describe_rows(const at::Tensor& query, const at::Tensor& keys, const std::o
 // K rounded up to even (VNNI pairs rows; the padding row is zero).
 constexpr int64_t kBlockN = 32;
 constexpr int64_t kRowsM = 32;  // brgemm is called with M rounded up to this: few distinct kernels
+
+// Which unit runs the bf16/fp16 products: AMX through brgemm, or none (float products).
+enum class LowpUnit { kNone, kAmx };
 
 struct LowpLayer {
   int64_t K = 0, Kp = 0, N = 0;
@@ -197,15 +210,23 @@ void lowp_gemm(const LowpLayer& p, int64_t M, const L* A, int64_t lda, float* C,
   }
 }
 
-// Whether bf16/fp16 inputs take the matrix-unit path: the dtype's brgemm packs on this CPU and
-// the wide units are not capped (DIN_OPS_CPU_ISA=base forces the float path everywhere).
-bool use_lowp(at::ScalarType dt) {
-  if (dt != at::kBFloat16 && dt != at::kHalf) return false;
-  if (cpu_isa() == Isa::kBase) return false;
+// The unit of bf16/fp16 products: AMX where the dtype's brgemm packs on this CPU (and the wide
+// units are not capped: DIN_OPS_CPU_ISA=base forces float products everywhere), else none.
+// Without AMX the products stay in float: AVX512-BF16's dot product (vdpbf16ps) in register
+// blocks measured 0.55-0.66x the speed of the float path on an AVX512-BF16 Xeon without AMX
+// (the unfolded layer 0 it needs doubles the work of long runs, and the roundings and packing
+// of every tile cost more than its products save), and fp16 has no float-accumulating dot
+// product before AMX-FP16.
+LowpUnit lowp_unit(at::ScalarType dt) {
+  if (dt != at::kBFloat16 && dt != at::kHalf) return LowpUnit::kNone;
+  if (cpu_isa() == Isa::kBase) return LowpUnit::kNone;
   static const bool bf16 = at::native::cpublas::could_pack(at::kBFloat16);
   static const bool fp16 = at::native::cpublas::could_pack(at::kHalf);
-  return dt == at::kBFloat16 ? bf16 : fp16;
+  return (dt == at::kBFloat16 ? bf16 : fp16) ? LowpUnit::kAmx : LowpUnit::kNone;
 }
+
+// Whether bf16/fp16 inputs take the products in their own dtype (lowp_unit).
+bool use_lowp(at::ScalarType dt) { return lowp_unit(dt) != LowpUnit::kNone; }
 
 template <typename T>
 at::ScalarType lowp_dtype(at::ScalarType dt) {
@@ -774,8 +795,13 @@ void forward_impl(const Rows& r, const Mlp<T>& m, const Inputs<T>& in, bool soft
       });
   });
   if (!softmax) {
-    for (int64_t p = 0; p < r.B * r.C; ++p)
-      if (split[p]) K.pool_forward(r, in, false, p, p + 1, attn, out);
+    for (int64_t p = 0; p < r.B * r.C; ++p) {
+      if (split[p]) {
+        K.pool_forward(r, in, false, p, p + 1, attn, out);
+      } else if (r.len[p / r.C] == 0) {
+        std::fill(out + p * r.D, out + (p + 1) * r.D, T(0));  // no run pooled it
+      }
+    }
     return;
   }
   std::vector<int64_t> pair_len(r.B * r.C);
@@ -810,7 +836,8 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_kernel(
   const auto acc_s = acc_scalar_type(query.scalar_type());
   const bool raw_keys = query.scalar_type() == at::kBFloat16 && use_lowp(at::kBFloat16);
   const AccInputs ai = raw_keys ? AccInputs{acc(query, acc_s), keys.contiguous()} : acc_inputs(query, keys);
-  at::Tensor out = new_zeros({r.B, r.C, r.D}, acc_s);
+  // every pair's sum is written by its pooling (forward_impl), so nothing is zeroed here
+  at::Tensor out = new_empty({r.B, r.C, r.D}, acc_s);
   std::vector<int64_t> attn_shape;
   if (r.jagged) {
     attn_shape = query.dim() == 2 ? std::vector<int64_t>{r.P} : std::vector<int64_t>{r.P, r.C};
@@ -916,6 +943,13 @@ GradTuple finish_grads(const Mlp<T>& m, const GradLayout& lay, const GradParts& 
 }
 
 }  // namespace
+
+const char* lowp_unit_name(at::ScalarType dt) {
+  switch (lowp_unit(dt)) {
+    case LowpUnit::kAmx: return "amx";
+    default: return "float";
+  }
+}
 
 GradTuple attention_pooling_backward_kernel(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_attn, const at::Tensor& attn,

@@ -46,5 +46,9 @@ GradTuple attention_pooling_stats_backward_kernel(
     at::TensorList norm_var, at::TensorList norm_weight, at::TensorList norm_bias, c10::string_view activation,
     double eps);
 
+// The unit that runs attention_pooling's products for inputs of dtype dt on this CPU: "amx" or
+// "float" (products in float).
+const char* lowp_unit_name(at::ScalarType dt);
+
 }  // namespace cpu
 }  // namespace din_ops

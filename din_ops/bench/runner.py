@@ -729,7 +729,8 @@ class Runner:
                f"({self.versions['git_rev'] or 'no git'}), {datetime.date.today().isoformat()}",
                "- limits measured in the run: " + m.summary(),
                f"- CPU allocator: {self.versions['allocator']}; load average at the end "
-               f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}" if m.device == "cpu" else "", ""]
+               f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}" if m.device == "cpu" else "",
+               f"- attention's bf16 products on this CPU: {_lowp_unit()}" if m.device == "cpu" else "", ""]
         head = self.headline()
         if head:
             out += ["```", head.strip(), "```", ""]
@@ -1014,3 +1015,13 @@ def main(argv=None) -> int:
     except ValueError:  # not the main thread
         pass
     return runner.run()
+
+
+def _lowp_unit() -> str:
+    """Which unit runs din_ops' bf16 attention products here: AMX, or float products."""
+    try:
+        from .. import _C
+        unit = _C._lowp_unit("bfloat16")
+    except (ImportError, AttributeError):
+        return "unknown (no C++ extension)"
+    return "AMX (oneDNN brgemm)" if unit == "amx" else "float (this CPU has no AMX; bf16 is converted to float)"

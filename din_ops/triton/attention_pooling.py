@@ -635,8 +635,11 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
                 Gx = tl.load(go_ptr + (qrow + c_glob)[:, None] * D + offs_d[None, :],
                              mask=c_ok[:, None] & d_ok[None, :], other=0).to(ACC)
             if SOFTMAX:
-                # softmax: ds_t = w_t (dw_t - sum_u w_u dw_u); the sum needs its own pass
+                # softmax: ds_t = w_t (dw_t - sum_u w_u dw_u); the sum needs its own pass. The
+                # saved weights are divided by their sum, which their rounding to fp16/bf16 moves
+                # off 1 (and that error would reach every ds_t), as pool_backward does on the CPU.
                 ssum = tl.zeros([CB], ACC)
+                wsum = tl.zeros([CB], ACC)
                 for t0 in range(0, n, BT):
                     t = t0 + t_in
                     t_ok = t < n
@@ -649,7 +652,10 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
                     if HAS_GA:
                         dw += tl.load(ga_ptr + aidx, mask=ok, other=0).to(ACC)
                     ssum += tl.sum(_to2d(w * dw, BT, CB), axis=0)
-                Sx = _from_cb(ssum, BT, CB)
+                    wsum += tl.sum(_to2d(w, BT, CB), axis=0)
+                winv = 1.0 / tl.where(wsum > 0, wsum, 1.0)
+                Sx = _from_cb(ssum * winv, BT, CB)
+                Ix = _from_cb(winv, BT, CB)
         if CB == 1:
             dq_acc = tl.zeros([1, DP], ACC)
             dc_acc = tl.zeros([1, HP0], ACC)
@@ -678,7 +684,7 @@ def _bwd_kernel(go_ptr, ga_ptr, attn_ptr, gm_ptr, gv_ptr, mean_ptr, cnt_ptr,
                 if HAS_GA:
                     dw += tl.load(ga_ptr + aidx, mask=ok, other=0).to(ACC)
                 if SOFTMAX:
-                    ds = w * (dw - Sx)
+                    ds = w * Ix * (dw - Sx)
                 else:
                     ds = dw
                 dsr = tl.where(ok, ds, 0.0) * scale
