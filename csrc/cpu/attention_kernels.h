@@ -908,6 +908,7 @@ void pool_backward(const Rows& r, const Inputs<T>& in, bool softmax, T sc, const
       const int64_t base = r.start[b] * r.C + c * r.sC;
       const T* g = pgo + (b * r.C + c) * D;
       T dot_sum = 0;
+      T wsum = 0;  // softmax: the saved weights' sum (below)
       for (int64_t t = 0; t < n; ++t) {
         const T* kt = k + t * D;
         T dw = pga ? pga[base + t * r.sT] : T(0);
@@ -915,6 +916,7 @@ void pool_backward(const Rows& r, const Inputs<T>& in, bool softmax, T sc, const
         pds[base + t * r.sT] = dw;
         dot_sum += pw[base + t * r.sT] * dw;
         const T wt = pw[base + t * r.sT];
+        wsum += wt;
         T* dkt = dk + t * D;
         if (c == 0) {
           for (int64_t d = 0; d < D; ++d) dkt[d] = wt * g[d];
@@ -925,9 +927,6 @@ void pool_backward(const Rows& r, const Inputs<T>& in, bool softmax, T sc, const
       // softmax: the saved weights divided by their sum, which their rounding to the input
       // dtype (bf16/fp16) moves off 1; uncorrected, that error reaches every score gradient
       // (it was 0.1 of the largest last-layer weight gradient in bf16 tests, 0.006 with this)
-      T wsum = 0;
-      if (softmax)
-        for (int64_t t = 0; t < n; ++t) wsum += pw[base + t * r.sT];
       const T inv = softmax && wsum > T(0) ? T(1) / wsum : T(1);
       dot_sum *= inv;
       for (int64_t t = 0; t < n; ++t) {

@@ -172,9 +172,6 @@ Rows describe_rows(const at::Tensor& query, const at::Tensor& keys, const std::o
 constexpr int64_t kBlockN = 32;
 constexpr int64_t kRowsM = 32;  // brgemm is called with M rounded up to this: few distinct kernels
 
-// Which unit runs the bf16/fp16 products: AMX through brgemm, or none (float products).
-enum class LowpUnit { kNone, kAmx };
-
 struct LowpLayer {
   int64_t K = 0, Kp = 0, N = 0;
   at::Tensor packed;  // [ceil(N / kBlockN), Kp, kBlockN] of the input dtype
@@ -210,23 +207,20 @@ void lowp_gemm(const LowpLayer& p, int64_t M, const L* A, int64_t lda, float* C,
   }
 }
 
-// The unit of bf16/fp16 products: AMX where the dtype's brgemm packs on this CPU (and the wide
-// units are not capped: DIN_OPS_CPU_ISA=base forces float products everywhere), else none.
-// Without AMX the products stay in float: AVX512-BF16's dot product (vdpbf16ps) in register
-// blocks measured 0.55-0.66x the speed of the float path on an AVX512-BF16 Xeon without AMX
-// (the unfolded layer 0 it needs doubles the work of long runs, and the roundings and packing
-// of every tile cost more than its products save), and fp16 has no float-accumulating dot
-// product before AMX-FP16.
-LowpUnit lowp_unit(at::ScalarType dt) {
-  if (dt != at::kBFloat16 && dt != at::kHalf) return LowpUnit::kNone;
-  if (cpu_isa() == Isa::kBase) return LowpUnit::kNone;
+// Whether bf16/fp16 inputs take their products in their own dtype on AMX: the dtype's brgemm
+// packs on this CPU and the wide units are not capped (DIN_OPS_CPU_ISA=base forces float
+// products everywhere). Without AMX the products stay in float: AVX512-BF16's dot product
+// (vdpbf16ps) in register blocks measured 0.55-0.66x the speed of the float path on an
+// AVX512-BF16 Xeon without AMX (the unfolded layer 0 it needs doubles the work of long runs,
+// and the roundings and packing of every tile cost more than its products save), and fp16 has
+// no float-accumulating dot product before AMX-FP16.
+bool use_lowp(at::ScalarType dt) {
+  if (dt != at::kBFloat16 && dt != at::kHalf) return false;
+  if (cpu_isa() == Isa::kBase) return false;
   static const bool bf16 = at::native::cpublas::could_pack(at::kBFloat16);
   static const bool fp16 = at::native::cpublas::could_pack(at::kHalf);
-  return (dt == at::kBFloat16 ? bf16 : fp16) ? LowpUnit::kAmx : LowpUnit::kNone;
+  return dt == at::kBFloat16 ? bf16 : fp16;
 }
-
-// Whether bf16/fp16 inputs take the products in their own dtype (lowp_unit).
-bool use_lowp(at::ScalarType dt) { return lowp_unit(dt) != LowpUnit::kNone; }
 
 template <typename T>
 at::ScalarType lowp_dtype(at::ScalarType dt) {
@@ -944,12 +938,7 @@ GradTuple finish_grads(const Mlp<T>& m, const GradLayout& lay, const GradParts& 
 
 }  // namespace
 
-const char* lowp_unit_name(at::ScalarType dt) {
-  switch (lowp_unit(dt)) {
-    case LowpUnit::kAmx: return "amx";
-    default: return "float";
-  }
-}
+const char* lowp_unit_name(at::ScalarType dt) { return use_lowp(dt) ? "amx" : "float"; }
 
 GradTuple attention_pooling_backward_kernel(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_attn, const at::Tensor& attn,
