@@ -679,6 +679,94 @@ def test_narrower_isa_matches_reference(isa):
     subprocess.run([sys.executable, "-c", script], check=True, env=env)
 
 
+def bias_dominated_case(seed=3):
+    """An MLP whose pre-activations are a bias plus a small spread, as DeepCTR-Torch's
+    LocalActivationUnit starts (hidden weights of std 1e-4): full histories, D=8, (80, 40)."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, D, hidden = 37, 23, 8, (80, 40)
+    dims = [4 * D] + list(hidden) + [1]
+    W = [torch.randn(dims[i + 1], dims[i], generator=g, dtype=torch.float64) * (1e-4 if i < len(hidden) else 0.2)
+         for i in range(len(dims) - 1)]
+    b = [(torch.rand(dims[i + 1], generator=g, dtype=torch.float64) - 0.5) * 2 * dims[i] ** -0.5
+         for i in range(len(dims) - 1)]
+    alpha = [torch.rand(h, generator=g, dtype=torch.float64) for h in hidden]
+    q, k = torch.randn(B, D, generator=g, dtype=torch.float64), torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    return q, k, torch.full((B,), T), W, b, alpha
+
+
+def eager_batchnorm_unit(q, k, W, b, *, lengths=None, offsets=None, activation="sigmoid", normalization="none",
+                         scale=1.0, return_weights=True, dice_alpha=(), **_):
+    """Full histories only: the unit as eager PyTorch users write it (F.linear, and Dice from
+    F.batch_norm over every position), the float32 yardstick where Dice's statistics make a
+    gradient ill-conditioned."""
+    B, T, D = k.shape
+    qe = q[:, None, :].expand(B, T, D)
+    h = torch.cat([qe, k, qe - k, qe * k], -1)
+    for i in range(len(W) - 1):
+        z = torch.nn.functional.linear(h, W[i], b[i])
+        if activation == "dice":
+            zn = torch.nn.functional.batch_norm(z.reshape(B * T, -1), None, None, training=True, eps=1e-8)
+            p = torch.sigmoid(zn.reshape(z.shape))
+            h = p * z + (1 - p) * dice_alpha[i] * z
+        else:
+            h = torch.sigmoid(z)
+    s = torch.nn.functional.linear(h, W[-1], b[-1])[..., 0] * scale
+    w = torch.softmax(s, -1) if normalization == "softmax" else s
+    return (w[..., None] * k).sum(1), w
+
+
+def bias_dominated_errors(act, norm):
+    """Max errors against float64 of every result (run's order), float32: din_ops, the reference
+    and eager_batchnorm_unit."""
+    q, k, lengths, W, b, alpha = bias_dominated_case()
+    kw, params = {}, []
+    if act == "dice":
+        kw = dict(dice_alpha=alpha, dice_running_mean=[torch.zeros_like(a) for a in alpha],
+                  dice_running_var=[torch.ones_like(a) for a in alpha])
+        params = list(alpha)
+    want = run(R.attention_pooling, q, k, W, b, kw, params, lengths=lengths, normalization=norm, act=act)
+    f32 = lambda ts: [x.float() for x in ts]
+    kw32 = {n: f32(v) for n, v in kw.items()}
+    out = []
+    for fn in (din_ops.attention_pooling, R.attention_pooling, eager_batchnorm_unit):
+        got = run(fn, q.float(), k.float(), f32(W), f32(b), kw32, f32(params), lengths=lengths,
+                  normalization=norm, act=act)
+        out.append([float((g.double() - w).abs().max()) for g, w in zip(got, want)])
+    return out
+
+
+def check_bias_dominated(act, norm):
+    errs, ref_errs, eager_errs = bias_dominated_errors(act, norm)
+    hidden_bias = (4 + 3, 4 + 4)  # run's order: out, weights, q, k, W0..W2, b0..b2, ...
+    for i, (e, r, x) in enumerate(zip(errs, ref_errs, eager_errs)):
+        limit = 4 * r + 1e-7
+        if act == "dice" and i in hidden_bias:
+            # through Dice's batch statistics these cancel to a few digits in float32; the
+            # reference's two sums happen to cancel exactly, eager PyTorch's do not
+            limit = max(limit, x)
+        assert e <= limit, f"{act}/{norm} result {i}: error {e:.3g}, the float32 reference's {r:.3g}, eager's {x:.3g}"
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "base"])
+def test_bias_dominated_preactivations_float32(isa):
+    """float32 results are as close to float64 as the float32 reference's when the MLP's
+    pre-activations are a bias plus a small spread: each layer's products are summed first and
+    the bias added last (added first, it rounds every partial sum at its magnitude), and Dice's
+    batch moments are summed in double. Every build of the loops (DIN_OPS_CPU_ISA)."""
+    cases = [("dice", "softmax"), ("dice", "none"), ("sigmoid", "softmax")]
+    if isa == "native":
+        for act, norm in cases:
+            check_bias_dominated(act, norm)
+        return
+    import os
+    import subprocess
+    import sys
+    script = "import sys; sys.path.insert(0, %r); import test_attention_pooling as t\n" % os.path.dirname(
+        os.path.abspath(__file__))
+    script += "".join(f"t.check_bias_dominated({a!r}, {n!r})\n" for a, n in cases)
+    subprocess.run([sys.executable, "-c", script], check=True, env=dict(os.environ, DIN_OPS_CPU_ISA=isa))
+
+
 def test_torch_compile_inductor():
     """The default backend (Inductor) compiles the module around the op, forward and backward."""
     torch.manual_seed(0)

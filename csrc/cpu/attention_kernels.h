@@ -74,8 +74,13 @@ void mm_bias(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
     return gemm512::gemm(M, N, K, A, lda, 1, B, ldb, C, ldc, gemm512::Init::kBias, bias);
   }
 #endif
-  for (int64_t i = 0; i < M; ++i) std::memcpy(C + i * ldc, bias, N * sizeof(T));
-  gemm_rm<T>(false, false, M, N, K, T(1), A, lda, B, ldb, T(1), C, ldc);
+  // the bias is added to the finished products, as gemm512 does: added first, it would round
+  // every partial sum at its magnitude (DIN's pre-activations are often a bias plus a small spread)
+  gemm_rm<T>(false, false, M, N, K, T(1), A, lda, B, ldb, T(0), C, ldc);
+  for (int64_t i = 0; i < M; ++i) {
+    T* __restrict c = C + i * ldc;
+    for (int64_t j = 0; j < N; ++j) c[j] += bias[j];
+  }
 }
 
 // The forward's folded layer 0 for one (row, candidate), transposed for mm: AbcT [D, H0].
@@ -96,12 +101,14 @@ template <typename T>
 void fold_bias0(const Mlp<T>& m, const T* __restrict q, T* __restrict cbc) {
   const int64_t H0 = m.H[0], D = m.D;
   const T* __restrict WqdT = m.WqdT.data();
-  std::memcpy(cbc, m.bias(0), H0 * sizeof(T));
+  std::fill(cbc, cbc + H0, T(0));
   for (int64_t d = 0; d < D; ++d) {
     const T qd = q[d];
     const T* __restrict w = WqdT + d * H0;
     for (int64_t h = 0; h < H0; ++h) cbc[h] += w[h] * qd;
   }
+  const T* __restrict b = m.bias(0);
+  for (int64_t h = 0; h < H0; ++h) cbc[h] += b[h];  // last, as in mm_bias
 }
 
 // The backward's folded layer 0 for one (row, candidate): Abc = (Wk - Wd) + Wp diag(q) [H0, D].
@@ -413,9 +420,11 @@ void layer0_unfolded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Worksp
   T* X = ws.X.data();
   // bf16 X goes straight into Xl below when the backward does not need it in float
   const bool direct = m.lowp == at::kBFloat16 && !ws.keep_x;
+  // the plain product's run terms are added to its finished sums below (see mm_bias)
+  const bool terms_after = product && m.lowp == at::ScalarType::Undefined;
   for (int64_t j = 0; j < S; ++j) {
     const Segment& s = ws.segs[j];
-    if (fill_z)
+    if (fill_z && !terms_after)
       for (int64_t i = 0; i < s.n; ++i) std::memcpy(Z0 + (s.off + i) * H0, Cs + j * H0, H0 * sizeof(T));
     if (direct) continue;
     const T* k = in.k + (r.start[s.b] + s.t0) * D;
@@ -462,7 +471,17 @@ void layer0_unfolded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Worksp
     }
     if (m.lowp != at::ScalarType::Undefined) return lowp_layer(m, 0, X, ws.M, 2 * D, ws.Xl.data(), Z0, H0, fill_z);
   }
-  if (product) mm<T>(false, ws.M, H0, 2 * D, X, 2 * D, m.W01T.data(), H0, Z0, H0, true);
+  if (!product) return;
+  mm<T>(false, ws.M, H0, 2 * D, X, 2 * D, m.W01T.data(), H0, Z0, H0, false);
+  if (!fill_z) return;
+  for (int64_t j = 0; j < S; ++j) {
+    const Segment& s = ws.segs[j];
+    const T* __restrict c = Cs + j * H0;
+    for (int64_t i = 0; i < s.n; ++i) {
+      T* __restrict z = Z0 + (s.off + i) * H0;
+      for (int64_t h = 0; h < H0; ++h) z[h] += c[h];
+    }
+  }
 }
 
 #ifdef AP_V512
@@ -940,17 +959,20 @@ void pool_backward(const Rows& r, const Inputs<T>& in, bool softmax, T sc, const
   }
 }
 
-// Per-channel mean and M2 of a tile's last-layer pre-activations z [M, H].
+// Per-channel mean and M2 of a tile's last-layer pre-activations z [M, H], summed in double:
+// DIN's pre-activations are often a bias plus a small spread, and a float mean would be off by
+// many ulps of |z|, which the normalization divides by the spread (ATen's batch norm on the CPU
+// sums in double too).
 template <typename T>
-void tile_moments(const T* z, int64_t M, int64_t H, T* tmean, T* tm2) {
-  std::fill(tmean, tmean + H, T(0));
-  std::fill(tm2, tm2 + H, T(0));
+void tile_moments(const T* z, int64_t M, int64_t H, double* tmean, double* tm2) {
+  std::fill(tmean, tmean + H, 0.0);
+  std::fill(tm2, tm2 + H, 0.0);
   for (int64_t i = 0; i < M; ++i)
-    for (int64_t h = 0; h < H; ++h) tmean[h] += z[i * H + h];
-  for (int64_t h = 0; h < H; ++h) tmean[h] /= T(M);
+    for (int64_t h = 0; h < H; ++h) tmean[h] += double(z[i * H + h]);
+  for (int64_t h = 0; h < H; ++h) tmean[h] /= double(M);
   for (int64_t i = 0; i < M; ++i)
     for (int64_t h = 0; h < H; ++h) {
-      const T dv = z[i * H + h] - tmean[h];
+      const double dv = double(z[i * H + h]) - tmean[h];
       tm2[h] += dv * dv;
     }
 }

@@ -1034,22 +1034,23 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_stats_kernel(
     const Kernels<T> K = kernels<T>();
     // per range: count, mean[H], M2[H] (Chan et al.'s pairwise combination, in a fixed order)
     std::vector<int64_t> counts(n_ranges, 0);
-    std::vector<std::vector<T>> means(n_ranges, std::vector<T>(H, T(0))), m2s(n_ranges, std::vector<T>(H, T(0)));
+    std::vector<std::vector<double>> means(n_ranges, std::vector<double>(H, 0.0)),
+        m2s(n_ranges, std::vector<double>(H, 0.0));
     for_each_part(n_ranges, [&](int64_t lo, int64_t hi) {
       Workspace<T> ws(m, tile_rows(r), false);
-      std::vector<T> tmean(H), tm2(H);
+      std::vector<double> tmean(H), tm2(H);
       for (int64_t part = lo; part < hi; ++part) {
         int64_t& n = counts[part];
-        T* mu = means[part].data();
-        T* m2 = m2s[part].data();
+        double* mu = means[part].data();
+        double* m2 = m2s[part].data();
         for_each_tile(work, work.row_unit[ranges[part]], work.row_unit[ranges[part + 1]], ws, [&](Workspace<T>& wk) {
           K.tile_forward(m, r, in, wk);
           const T* z = wk.Z[m.L - 1].data();
           const int64_t M = wk.M;
           K.tile_moments(z, M, H, tmean.data(), tm2.data());
-          const T na = T(n), nb = T(M), nt = na + nb;
+          const double na = double(n), nb = double(M), nt = na + nb;
           for (int64_t h = 0; h < H; ++h) {
-            const T delta = tmean[h] - mu[h];
+            const double delta = tmean[h] - mu[h];
             mu[h] += delta * nb / nt;
             m2[h] += tm2[h] + delta * delta * na * nb / nt;
           }
@@ -1057,22 +1058,25 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_stats_kernel(
         });
       }
     }, small_call(r, m));
-    T* pm = mean.data_ptr<T>();
-    T* pv = var.data_ptr<T>();
+    std::vector<double> dm(H, 0.0), dv(H, 0.0);
     int64_t n = 0;
     for (int64_t part = 0; part < n_ranges; ++part) {
       const int64_t nbi = counts[part];
       if (nbi == 0) continue;
-      const T na = T(n), nb = T(nbi), nt = na + nb;
+      const double na = double(n), nb = double(nbi), nt = na + nb;
       for (int64_t h = 0; h < H; ++h) {
-        const T delta = means[part][h] - pm[h];
-        pm[h] += delta * nb / nt;
-        pv[h] += m2s[part][h] + delta * delta * na * nb / nt;
+        const double delta = means[part][h] - dm[h];
+        dm[h] += delta * nb / nt;
+        dv[h] += m2s[part][h] + delta * delta * na * nb / nt;
       }
       n += nbi;
     }
-    if (n > 0)
-      for (int64_t h = 0; h < H; ++h) pv[h] /= T(n);
+    T* pm = mean.data_ptr<T>();
+    T* pv = var.data_ptr<T>();
+    for (int64_t h = 0; h < H; ++h) {
+      pm[h] = T(dm[h]);
+      pv[h] = n > 0 ? T(dv[h] / double(n)) : T(0);
+    }
     if (n == 1)  // mark the one-valid-pair batch for the consumers' dice_rstd (NaN stays NaN)
       for (int64_t h = 0; h < H; ++h)
         if (pv[h] == T(0)) pv[h] = -T(0);
