@@ -51,8 +51,8 @@ inline T sigmoid(T x) {
 }
 
 // C[M, N] = op(A) B (+ C when accumulate): A [M, K] row-major (lda), or stored as [K, M] when
-// trans_a; B row-major [K, N]. The AVX-512 float build runs it in gemm512.h's register blocks,
-// the others through gemm_rm.
+// trans_a; B row-major [K, N]. The AVX-512 and AVX2 float builds run it in register blocks
+// (gemm512.h, gemm256.h), the others through gemm_rm.
 template <typename T>
 void mm(bool trans_a, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
         int64_t ldc, bool accumulate) {
@@ -60,6 +60,12 @@ void mm(bool trans_a, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, 
   if constexpr (std::is_same_v<T, float>) {
     return gemm512::gemm(M, N, K, A, trans_a ? 1 : lda, trans_a ? lda : 1, B, ldb, C, ldc,
                          accumulate ? gemm512::Init::kC : gemm512::Init::kZero);
+  }
+#endif
+#ifdef AP_V256
+  if constexpr (std::is_same_v<T, float>) {
+    return gemm256::gemm(M, N, K, A, trans_a ? 1 : lda, trans_a ? lda : 1, B, ldb, C, ldc,
+                         accumulate ? gemm256::Init::kC : gemm256::Init::kZero);
   }
 #endif
   gemm_rm<T>(trans_a, false, M, N, K, T(1), A, lda, B, ldb, accumulate ? T(1) : T(0), C, ldc);
@@ -72,6 +78,11 @@ void mm_bias(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* 
 #ifdef AP_V512
   if constexpr (std::is_same_v<T, float>) {
     return gemm512::gemm(M, N, K, A, lda, 1, B, ldb, C, ldc, gemm512::Init::kBias, bias);
+  }
+#endif
+#ifdef AP_V256
+  if constexpr (std::is_same_v<T, float>) {
+    return gemm256::gemm(M, N, K, A, lda, 1, B, ldb, C, ldc, gemm256::Init::kBias, bias);
   }
 #endif
   // the bias is added to the finished products, as gemm512 does: added first, it would round
@@ -140,6 +151,14 @@ void activate(const Mlp<T>& m, int64_t l, const T* z, T* a, int64_t M, bool keep
           const __mmask16 lanes = v512::lanes(n - i);
           v512::store(a + i, lanes, v512::sigmoid<true>(v512::load(z + i, lanes)));
         }
+        break;
+      }
+#endif
+#ifdef AP_V256
+      if constexpr (std::is_same_v<T, float>) {
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(a + i, v256::sigmoid(_mm256_loadu_ps(z + i)));
+        for (; i < n; ++i) a[i] = sigmoid<false>(z[i]);
         break;
       }
 #endif

@@ -18,9 +18,10 @@
 // bf16/fp16 inputs run their products in the input dtype with float accumulation on the CPU's
 // matrix unit (AMX) where oneDNN's brgemm packs for it (use_lowp); elsewhere, and under
 // DIN_OPS_CPU_ISA=base, in float. The compute loops live in attention_kernels.h, built for the
-// baseline, AVX2 and AVX-512 and chosen at run time (cpu_isa in common.h). The AVX-512 build runs
-// the float products in register blocks (gemm512.h) and, for sigmoid MLPs, takes each hidden
-// layer's sigmoid on the registers; the others call the BLAS libtorch links.
+// baseline, AVX2 and AVX-512 and chosen at run time (cpu_isa in common.h). The AVX-512 and AVX2
+// builds run the float products in register blocks (gemm512.h, gemm256.h), and the AVX-512 one
+// takes each sigmoid MLP's hidden-layer sigmoid on the registers; the baseline calls the BLAS
+// libtorch links.
 #include <ATen/EmptyTensor.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
@@ -574,9 +575,15 @@ struct Inputs {
 #ifdef DIN_OPS_MULTI_ISA
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+namespace isa_avx2 {
+#include "vec256.h"
+#include "gemm256.h"
+}  // namespace isa_avx2
+#define AP_V256 1
 #define AP_ISA isa_avx2
 #include "attention_kernels.h"
 #undef AP_ISA
+#undef AP_V256
 #pragma GCC pop_options
 #pragma GCC push_options
 // 256-bit vectors, as -march=native picks on AVX-512 Xeons: 512-bit ones measured ~6% slower here
