@@ -192,6 +192,39 @@ void activate(const Mlp<T>& m, int64_t l, const T* z, T* a, int64_t M, bool keep
         k1[h] = ga[h] * rstd;
         k0[h] = be[h] - ga[h] * rstd * mu[h];
       }
+#if defined(AP_V512) || defined(AP_V256)
+      // the tiles without NaN in vector code (GCC leaves the loop over fast_exp scalar)
+      if constexpr (std::is_same_v<T, float>) {
+        if (!keep_nan) {
+          for (int64_t i = 0; i < M; ++i) {
+            const float* zi = z + i * H;
+            float* ai = a + i * H;
+#ifdef AP_V512
+            for (int64_t h = 0; h < H; h += 16) {
+              const __mmask16 ln = v512::lanes(H - h);
+              const __m512 v = v512::load(zi + h, ln), av = _mm512_mul_ps(v512::load(al + h, ln), v);
+              const __m512 p = v512::sigmoid<true>(_mm512_fmadd_ps(v512::load(k1.data() + h, ln), v,
+                                                                   v512::load(k0.data() + h, ln)));
+              v512::store(ai + h, ln, _mm512_fmadd_ps(p, _mm512_sub_ps(v, av), av));
+            }
+#else
+            int64_t h = 0;
+            for (; h + 8 <= H; h += 8) {
+              const __m256 v = _mm256_loadu_ps(zi + h), av = _mm256_mul_ps(_mm256_loadu_ps(al + h), v);
+              const __m256 p = v256::sigmoid(_mm256_fmadd_ps(_mm256_loadu_ps(k1.data() + h), v,
+                                                             _mm256_loadu_ps(k0.data() + h)));
+              _mm256_storeu_ps(ai + h, _mm256_fmadd_ps(p, _mm256_sub_ps(v, av), av));
+            }
+            for (; h < H; ++h) {
+              const float v = zi[h], p = sigmoid<false>(k1[h] * v + k0[h]);
+              ai[h] = p * (v - al[h] * v) + al[h] * v;
+            }
+#endif
+          }
+          break;
+        }
+      }
+#endif
       auto rows = [&](auto keep_nan_t) {
         for (int64_t i = 0; i < M; ++i)
           for (int64_t h = 0; h < H; ++h) {
