@@ -595,6 +595,7 @@ namespace isa_avx2 {
 #pragma GCC diagnostic ignored "-Wuninitialized"
 namespace isa_avx512 {
 #include "vec512.h"
+#include "vec256.h"
 #include "gemm512.h"
 }  // namespace isa_avx512
 #define AP_V512 1

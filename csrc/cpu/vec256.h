@@ -1,6 +1,7 @@
 // AVX2 sigmoid for the attention tiles' hidden layers: the AVX2 build's counterpart of
-// vec512.h's (GCC leaves the scalar loop over fast_exp unvectorized). Included by
-// attention_pooling.cpp inside the AVX2 build's namespace. No include guard on purpose.
+// vec512.h's (GCC leaves the scalar loop over fast_exp unvectorized), and Dice's backward in
+// both builds. Included by attention_pooling.cpp inside the AVX2 and AVX-512 builds'
+// namespaces. No include guard on purpose.
 
 namespace v256 {
 
