@@ -131,6 +131,29 @@ def test_half_precision(dtype, tol, gtol, training):
     assert_all_close(got[5:], want[5:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_as_accurate_as_rounding(dtype, training):
+    """fp16/bf16 outputs are the float64 reference rounded once to the dtype, up to what float
+    arithmetic adds: relative to |x|, the mean error is within 1% of correct rounding's and the
+    largest within 10% (float32 statistics move a few values across a rounding boundary). The
+    kernels' exp for half-precision results is a lower-degree polynomial; a sigmoid off by 2e-4
+    (bf16) or 1e-5 (fp16) relative would raise the mean past the bound."""
+    g = torch.Generator().manual_seed(3)
+    B, T, C = 64, 40, 48
+    x = (torch.randn(B, T, C, generator=g) * 2 + 0.5).to(dtype)
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    alpha = (torch.randn(C, generator=g) * 0.25).to(dtype)
+    mean, var = 0.5 + 0.1 * torch.randn(C, generator=g), 4 + torch.rand(C, generator=g)
+    y = din_ops.dice(x, alpha, mean.clone(), var.clone(), lengths=lengths, training=training)
+    ref = R.dice(x.double(), alpha.double(), mean.double(), var.double(), lengths=lengths, training=training)
+    ax = x.double().abs().clamp_min(1e-30)
+    err = (y.double() - ref).abs() / ax
+    rounding = (ref.to(dtype).double() - ref).abs() / ax
+    assert err.max().item() <= 1.1 * rounding.max().item()
+    assert err.mean().item() <= 1.01 * rounding.mean().item()
+
+
 @pytest.mark.parametrize("shape", [(3, 1000, 5), (97, 9, 3), (1, 1, 1)])
 def test_long_rows_and_many_parts(shape):
     """Rows longer than a block and more batch rows than reduction parts (Chan merges)."""

@@ -54,20 +54,35 @@ inline void store(c10::Half* p, __mmask16 m, __m512 v) {
 }
 
 // exp(-z) for z >= -88 (the caller clamps): 2^(n + f), n = round(-z log2 e), f in [-1/2, 1/2]
-// by one fused multiply-subtract, 2^f by a degree-5 polynomial (minimax in relative error on
-// [-1/2, 1/2], constant term 1), 2^n by scalef (0 below the float range). Relative error ~2e-7,
-// a few ulps: the products' gradients sum many sigmoids, and a Taylor polynomial of the same
-// degree (3e-6) showed in them; the loop is bound by its floating-point operations, so the
-// degree stays 5.
+// by one fused multiply-subtract, 2^f by a polynomial of kDegree (minimax in relative error on
+// [-1/2, 1/2], constant term 1), 2^n by scalef (0 below the float range). Relative error of
+// degree 5 ~2e-7, a few ulps: the products' gradients sum many sigmoids, and a Taylor polynomial
+// of that degree (3e-6) showed in them. Degree 4 (2.8e-6) and 3 (1.0e-4) serve results kept in
+// fp16 (half an ulp 4.9e-4) and bf16 (3.9e-3): the loops are bound by their floating-point
+// operations, and each degree is two of them.
+template <int kDegree = 5>
 inline __m512 exp_neg(__m512 z) {
+  static_assert(kDegree >= 3 && kDegree <= 5, "exp_neg: degree 3, 4 or 5");
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(-1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_fmsub_ps(z, _mm512_set1_ps(-1.44269504088896341f), n);
-  __m512 p = _mm512_set1_ps(1.326472731e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.671512991e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550733581e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402224243e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470037e-1f));
+  __m512 p;
+  if constexpr (kDegree == 5) {
+    p = _mm512_set1_ps(1.326472731e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.671512991e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550733581e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402224243e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470037e-1f));
+  } else if constexpr (kDegree == 4) {
+    p = _mm512_set1_ps(9.582576342e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.590682849e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402410656e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931241155e-1f));
+  } else {
+    p = _mm512_set1_ps(5.500905961e-2f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.422109693e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.932829022e-1f));
+  }
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
 }
@@ -78,16 +93,20 @@ inline __m512 exp_neg(__m512 z) {
 // error 2^-14), refined by one Newton step to about 1 ulp where the result is stored as float:
 // a division is the slowest instruction of the loop. bf16/fp16 results keep fewer bits than
 // rcp14 gives, and their sums accumulate in float.
-template <bool kRefine>
+template <bool kRefine, int kDegree = 5>
 inline __m512 sigmoid(__m512 z) {
   const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 d = _mm512_add_ps(one, exp_neg(_mm512_max_ps(z, _mm512_set1_ps(-88.0f))));
+  const __m512 d = _mm512_add_ps(one, exp_neg<kDegree>(_mm512_max_ps(z, _mm512_set1_ps(-88.0f))));
   const __m512 r = _mm512_rcp14_ps(d);
   return kRefine ? _mm512_fmadd_ps(_mm512_fnmadd_ps(d, r, one), r, r) : r;
 }
+// The sigmoid whose result is kept in S: float (refined, degree 5), fp16 (degree 4) or bf16
+// (degree 3).
 template <typename S>
 inline __m512 sigmoid(__m512 z) {
-  return sigmoid<std::is_same_v<S, float>>(z);
+  if constexpr (std::is_same_v<S, float>) return sigmoid<true, 5>(z);
+  else if constexpr (std::is_same_v<S, c10::Half>) return sigmoid<false, 4>(z);
+  else return sigmoid<false, 3>(z);
 }
 
 }  // namespace v512
