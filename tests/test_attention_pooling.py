@@ -193,9 +193,11 @@ def test_half_precision_matrix_unit(dtype, tol, hidden):
 
 
 # The AVX-512 float products run in register blocks of 1 to 5 vectors of 16 columns (masked
-# tails), panels of 80 columns, blocks of 12, 8, 6 or 4 rows and remainders of 4, 2 and 1 rows,
-# with the sigmoid taken on the registers (gemm512.h): widths below cover each block width, a
-# tail, two panels (2D = 82, H = 97) and one-column layers.
+# tails; a last group of 8 columns or fewer in 256-bit registers), panels of 80 columns, blocks
+# of 12, 8, 6 or 4 rows and remainders of 4, 2 and 1 rows, with the sigmoid taken on the
+# registers (gemm512.h): widths below cover each block width, tails of 9 to 15 columns (2D = 14,
+# D = 41) and of 1 to 8 (5, 24, 33, 70, 72, 40), two panels (2D = 82, H = 97) and one-column
+# layers.
 @pytest.mark.parametrize("D,hidden", [(5, (1,)), (7, (16, 3)), (41, (97, 33, 17)), (12, (48, 64, 70)),
                                       (36, (80, 40))])
 @pytest.mark.parametrize("act", ["sigmoid", "relu"])

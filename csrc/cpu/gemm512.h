@@ -19,36 +19,53 @@ struct Act {
   bool bad = false;
 };
 
-template <int R, int NV, bool kSigmoid = false>
+// kHalf: the last of the NV column groups holds 8 columns or fewer and takes 256-bit registers
+// (the same arithmetic per lane): CPUs that run a 512-bit operation as two 256-bit halves (AMD
+// Zen 4) then spend half as much on it, and the hidden widths of DIN (40, 72 = 2D, ...) often
+// end in such a group.
+template <int R, int NV, bool kSigmoid = false, bool kHalf = false>
 inline void block(int64_t K, const float* __restrict A, int64_t sai, int64_t sak, const float* __restrict B,
                   int64_t ldb, float* C, int64_t ldc, Init init, const float* bias, __mmask16 tail,
                   Act* act = nullptr) {
-  __m512 acc[R][NV];
+  constexpr int NF = kHalf ? NV - 1 : NV;  // groups in 512-bit registers
+  constexpr int NA = NF > 0 ? NF : 1;
+  const __mmask8 tail8 = static_cast<__mmask8>(tail);
+  __m512 acc[R][NA];
+  __m256 acch[R];
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NF; ++v) acc[r][v] = _mm512_setzero_ps();
+    if constexpr (kHalf) acch[r] = _mm256_setzero_ps();
+  }
   for (int64_t k = 0; k < K; ++k) {
     const float* bk = B + k * ldb;
-    __m512 b[NV];
+    __m512 b[NA];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) b[v] = _mm512_maskz_loadu_ps(v == NV - 1 ? tail : v512::kAll, bk + 16 * v);
+    for (int v = 0; v < NF; ++v) b[v] = _mm512_maskz_loadu_ps(!kHalf && v == NV - 1 ? tail : v512::kAll, bk + 16 * v);
+    [[maybe_unused]] __m256 bh;
+    if constexpr (kHalf) bh = _mm256_maskz_loadu_ps(tail8, bk + 16 * NF);
     const float* ak = A + k * sak;
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(ak[r * sai]);
+      if constexpr (NF > 0) {
+        const __m512 a = _mm512_set1_ps(ak[r * sai]);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+        for (int v = 0; v < NF; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+        if constexpr (kHalf) acch[r] = _mm256_fmadd_ps(_mm512_castps512_ps256(a), bh, acch[r]);
+      } else {
+        acch[r] = _mm256_fmadd_ps(_mm256_set1_ps(ak[r * sai]), bh, acch[r]);
+      }
     }
   }
   // the initial value is added to the finished sum, as sgemm's beta = 1 does: a bias added
   // first would round every partial sum at its magnitude
   [[maybe_unused]] __mmask16 bad = 0;
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      const __mmask16 m = v == NV - 1 ? tail : v512::kAll;
+    for (int v = 0; v < NF; ++v) {
+      const __mmask16 m = !kHalf && v == NV - 1 ? tail : v512::kAll;
       __m512 c = acc[r][v];
       if (init == Init::kBias) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(m, bias + 16 * v));
       if (init == Init::kC) c = _mm512_add_ps(c, _mm512_maskz_loadu_ps(m, C + r * ldc + 16 * v));
@@ -60,21 +77,35 @@ inline void block(int64_t K, const float* __restrict A, int64_t sai, int64_t sak
         v512::store(C + r * ldc + 16 * v, m, c);
       }
     }
+    if constexpr (kHalf) {
+      constexpr int64_t o = 16 * NF;
+      __m256 c = acch[r];
+      if (init == Init::kBias) c = _mm256_add_ps(c, _mm256_maskz_loadu_ps(tail8, bias + o));
+      if (init == Init::kC) c = _mm256_add_ps(c, _mm256_maskz_loadu_ps(tail8, C + r * ldc + o));
+      if constexpr (kSigmoid) {
+        bad |= _mm256_mask_fpclass_ps_mask(tail8, c, 0x99);
+        _mm256_mask_storeu_ps(act->s + r * act->lds + o, tail8, v512::sigmoid<true>(c));
+        if (C != nullptr) _mm256_mask_storeu_ps(C + r * ldc + o, tail8, c);
+      } else {
+        _mm256_mask_storeu_ps(C + r * ldc + o, tail8, c);
+      }
+    }
+  }
   if constexpr (kSigmoid) act->bad |= bad != 0;
 }
 
 // Rows [0, M) of one panel of NV vectors: blocks of as many rows as the 32 registers hold
 // (R * NV accumulators, NV of B, one broadcast), then 4, 2 and 1 for the rest.
-template <int NV, bool kSigmoid>
-inline void panel(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb,
+template <int NV, bool kSigmoid, bool kHalf>
+inline void panel_of(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb,
                   float* C, int64_t ldc, Init init, const float* bias, __mmask16 tail, Act* act) {
   constexpr int R = NV == 1 ? 12 : NV == 2 ? 12 : NV == 3 ? 8 : NV == 4 ? 6 : 4;
   Act a = act == nullptr ? Act{} : *act;
   auto rows = [&](auto r_t, int64_t i) {
     constexpr int Rb = decltype(r_t)::value;
     Act ai{a.s == nullptr ? nullptr : a.s + i * a.lds, a.lds, false};
-    block<Rb, NV, kSigmoid>(K, A + i * sai, sai, sak, B, ldb, C == nullptr ? nullptr : C + i * ldc, ldc, init, bias,
-                            tail, &ai);
+    block<Rb, NV, kSigmoid, kHalf>(K, A + i * sai, sai, sak, B, ldb, C == nullptr ? nullptr : C + i * ldc, ldc, init,
+                                   bias, tail, &ai);
     a.bad |= ai.bad;
   };
   int64_t i = 0;
@@ -83,6 +114,16 @@ inline void panel(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak
   for (; i + 2 <= M; i += 2) rows(std::integral_constant<int, 2>{}, i);
   for (; i < M; ++i) rows(std::integral_constant<int, 1>{}, i);
   if (act != nullptr) act->bad |= a.bad;
+}
+
+template <int NV, bool kSigmoid>
+inline void panel(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb,
+                  float* C, int64_t ldc, Init init, const float* bias, __mmask16 tail, Act* act) {
+  // a last group of 8 columns or fewer: 256-bit registers for it (block's kHalf)
+  if ((tail >> 8) == 0)
+    panel_of<NV, kSigmoid, true>(M, K, A, sai, sak, B, ldb, C, ldc, init, bias, tail, act);
+  else
+    panel_of<NV, kSigmoid, false>(M, K, A, sai, sak, B, ldb, C, ldc, init, bias, tail, act);
 }
 
 // One output column of a row-major A: C[i] = init + A[i, :] . B[:, 0] (the pooling head's

@@ -100,6 +100,29 @@ inline __m512 sigmoid(__m512 z) {
   const __m512 r = _mm512_rcp14_ps(d);
   return kRefine ? _mm512_fmadd_ps(_mm512_fnmadd_ps(d, r, one), r, r) : r;
 }
+// The same sigmoid on 8 lanes (AVX-512VL), lane for lane the same arithmetic: the register
+// blocks of gemm512.h take a last group of 8 columns or fewer in 256-bit registers, which CPUs
+// that split 512-bit operations in two run at half the cost.
+inline __m256 exp_neg(__m256 z) {
+  const __m256 n = _mm256_roundscale_ps(_mm256_mul_ps(z, _mm256_set1_ps(-1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_fmsub_ps(z, _mm256_set1_ps(-1.44269504088896341f), n);
+  __m256 p = _mm256_set1_ps(1.326472731e-3f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.671512991e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550733581e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402224243e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931470037e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  return _mm256_scalef_ps(p, n);
+}
+template <bool kRefine>
+inline __m256 sigmoid(__m256 z) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 d = _mm256_add_ps(one, exp_neg(_mm256_max_ps(z, _mm256_set1_ps(-88.0f))));
+  const __m256 r = _mm256_rcp14_ps(d);
+  return kRefine ? _mm256_fmadd_ps(_mm256_fnmadd_ps(d, r, one), r, r) : r;
+}
+
 // The sigmoid whose result is kept in S: float (refined, degree 5), fp16 (degree 4) or bf16
 // (degree 3).
 template <typename S>
