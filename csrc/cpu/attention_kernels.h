@@ -876,10 +876,16 @@ void layer0_unfolded_backward(const Mlp<T>& m, const GradLayout& lay, const Rows
       gd_[d] += dqd[d] - dkd[d];
       gp_[d] += dp[d];
     }
-    T cb = 0;
-    for (int64_t j = 0; j < S; ++j) cb += dCs[j * H0 + h];
-    gb0[h] += cb;
   }
+  // db0 += the runs' column sums, row by row (vectors over h; each column still sums its runs
+  // in order from 0: a strided scalar sum per column took 4% of the backward at T = 1)
+  std::vector<T> cb(H0, T(0));
+  for (int64_t j = 0; j < S; ++j) {
+    const T* __restrict c = dCs + j * H0;
+    T* __restrict acc = cb.data();
+    for (int64_t h = 0; h < H0; ++h) acc[h] += c[h];
+  }
+  for (int64_t h = 0; h < H0; ++h) gb0[h] += cb[h];
 }
 
 // Backward through the tile, given dZ of the last layer in ws.dZ. Accumulates weight
