@@ -98,7 +98,7 @@ inline void block(int64_t K, const float* __restrict A, int64_t sai, int64_t sak
 // (R * NV accumulators, NV of B, one broadcast), then 4, 2 and 1 for the rest.
 template <int NV, bool kSigmoid, bool kHalf>
 inline void panel_of(int64_t M, int64_t K, const float* A, int64_t sai, int64_t sak, const float* B, int64_t ldb,
-                  float* C, int64_t ldc, Init init, const float* bias, __mmask16 tail, Act* act) {
+                     float* C, int64_t ldc, Init init, const float* bias, __mmask16 tail, Act* act) {
   constexpr int R = NV == 1 ? 12 : NV == 2 ? 12 : NV == 3 ? 8 : NV == 4 ? 6 : 4;
   Act a = act == nullptr ? Act{} : *act;
   auto rows = [&](auto r_t, int64_t i) {
