@@ -60,6 +60,10 @@ inline void store(c10::Half* p, __mmask16 m, __m512 v) {
 // of that degree (3e-6) showed in them. Degree 4 (2.8e-6) and 3 (1.0e-4) serve results kept in
 // fp16 (half an ulp 4.9e-4) and bf16 (3.9e-3): the loops are bound by their floating-point
 // operations, and each degree is two of them.
+// 2^f's degree-5 coefficients, highest first (the constant term is 1)
+constexpr float kExp2Poly5[5] = {1.326472731e-3f, 9.671512991e-3f, 5.550733581e-2f, 2.402224243e-1f,
+                                 6.931470037e-1f};
+
 template <int kDegree = 5>
 inline __m512 exp_neg(__m512 z) {
   static_assert(kDegree >= 3 && kDegree <= 5, "exp_neg: degree 3, 4 or 5");
@@ -68,11 +72,9 @@ inline __m512 exp_neg(__m512 z) {
   const __m512 f = _mm512_fmsub_ps(z, _mm512_set1_ps(-1.44269504088896341f), n);
   __m512 p;
   if constexpr (kDegree == 5) {
-    p = _mm512_set1_ps(1.326472731e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.671512991e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550733581e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402224243e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470037e-1f));
+    p = _mm512_set1_ps(kExp2Poly5[0]);
+#pragma GCC unroll 4
+    for (int i = 1; i < 5; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly5[i]));
   } else if constexpr (kDegree == 4) {
     p = _mm512_set1_ps(9.582576342e-3f);
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.590682849e-2f));
@@ -107,11 +109,9 @@ inline __m256 exp_neg(__m256 z) {
   const __m256 n = _mm256_roundscale_ps(_mm256_mul_ps(z, _mm256_set1_ps(-1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_fmsub_ps(z, _mm256_set1_ps(-1.44269504088896341f), n);
-  __m256 p = _mm256_set1_ps(1.326472731e-3f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.671512991e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550733581e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402224243e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931470037e-1f));
+  __m256 p = _mm256_set1_ps(kExp2Poly5[0]);
+#pragma GCC unroll 4
+  for (int i = 1; i < 5; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly5[i]));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
   return _mm256_scalef_ps(p, n);
 }
