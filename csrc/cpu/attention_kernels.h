@@ -879,11 +879,11 @@ void layer0_unfolded_backward(const Mlp<T>& m, const GradLayout& lay, const Rows
   }
   // db0 += the runs' column sums, row by row (vectors over h; each column still sums its runs
   // in order from 0: a strided scalar sum per column took 4% of the backward at T = 1)
-  std::vector<T> cb(H0, T(0));
+  T* __restrict cb = ws.dc0.data();  // [H0]: the folded form's buffer, free in this one
+  std::fill(cb, cb + H0, T(0));
   for (int64_t j = 0; j < S; ++j) {
     const T* __restrict c = dCs + j * H0;
-    T* __restrict acc = cb.data();
-    for (int64_t h = 0; h < H0; ++h) acc[h] += c[h];
+    for (int64_t h = 0; h < H0; ++h) cb[h] += c[h];
   }
   for (int64_t h = 0; h < H0; ++h) gb0[h] += cb[h];
 }
