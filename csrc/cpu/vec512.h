@@ -53,9 +53,11 @@ inline void store(c10::Half* p, __mmask16 m, __m512 v) {
   store16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-// exp(-z) for z >= -88 (the caller clamps): 2^(n + f), n = round(-z log2 e), f in [-1/2, 1/2]
-// by one fused multiply-subtract, 2^f by a polynomial of kDegree (minimax in relative error on
-// [-1/2, 1/2], constant term 1), 2^n by scalef (0 below the float range). Relative error of
+// exp(-z) for z in [-88, 88] (the caller clamps: beyond, f below would not be small, as n's
+// rounding error grows with |z|): 2^(n + f), n = round(-z log2 e) by adding and subtracting
+// 1.5 * 2^23 (one instruction fewer than roundscale), f in [-1/2, 1/2] by one fused
+// multiply-subtract, 2^f by a polynomial of kDegree (minimax in relative error on [-1/2, 1/2],
+// constant term 1), 2^n by scalef. Relative error of
 // degree 5 ~2e-7, a few ulps: the products' gradients sum many sigmoids, and a Taylor polynomial
 // of that degree (3e-6) showed in them. Degree 4 (2.8e-6) and 3 (1.0e-4) serve results kept in
 // fp16 (half an ulp 4.9e-4) and bf16 (3.9e-3): the loops are bound by their floating-point
@@ -67,8 +69,8 @@ constexpr float kExp2Poly5[5] = {1.326472731e-3f, 9.671512991e-3f, 5.550733581e-
 template <int kDegree = 5>
 inline __m512 exp_neg(__m512 z) {
   static_assert(kDegree >= 3 && kDegree <= 5, "exp_neg: degree 3, 4 or 5");
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(-1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(z, _mm512_set1_ps(-1.44269504088896341f), magic), magic);
   const __m512 f = _mm512_fmsub_ps(z, _mm512_set1_ps(-1.44269504088896341f), n);
   __m512 p;
   if constexpr (kDegree == 5) {
@@ -89,16 +91,17 @@ inline __m512 exp_neg(__m512 z) {
   return _mm512_scalef_ps(p, n);
 }
 
-// 1 / (1 + exp(-z)). z is clamped below at -88 (exp(88) is finite, so 1 + exp(-z) has a finite
-// reciprocal; a NaN z gives a finite p, as in dice_kernels.h's vexp; a NaN channel is handled
-// through alpha); above, exp(-z) underflows to 0 and p to 1. The reciprocal is rcp14 (relative
+// 1 / (1 + exp(-z)). z is clamped to [-88, 88]: exp(88) is finite, so 1 + exp(-z) has a finite
+// reciprocal, and past 88 the result is 1 in float (a NaN z gives a finite p, as in
+// dice_kernels.h's vexp; a NaN channel is handled through alpha). The reciprocal is rcp14 (relative
 // error 2^-14), refined by one Newton step to about 1 ulp where the result is stored as float:
 // a division is the slowest instruction of the loop. bf16/fp16 results keep fewer bits than
 // rcp14 gives, and their sums accumulate in float.
 template <bool kRefine, int kDegree = 5>
 inline __m512 sigmoid(__m512 z) {
   const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 d = _mm512_add_ps(one, exp_neg<kDegree>(_mm512_max_ps(z, _mm512_set1_ps(-88.0f))));
+  z = _mm512_min_ps(_mm512_max_ps(z, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
+  const __m512 d = _mm512_add_ps(one, exp_neg<kDegree>(z));
   const __m512 r = _mm512_rcp14_ps(d);
   return kRefine ? _mm512_fmadd_ps(_mm512_fnmadd_ps(d, r, one), r, r) : r;
 }
@@ -106,8 +109,8 @@ inline __m512 sigmoid(__m512 z) {
 // blocks of gemm512.h take a last group of 8 columns or fewer in 256-bit registers, which CPUs
 // that split 512-bit operations in two run at half the cost.
 inline __m256 exp_neg(__m256 z) {
-  const __m256 n = _mm256_roundscale_ps(_mm256_mul_ps(z, _mm256_set1_ps(-1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(z, _mm256_set1_ps(-1.44269504088896341f), magic), magic);
   const __m256 f = _mm256_fmsub_ps(z, _mm256_set1_ps(-1.44269504088896341f), n);
   __m256 p = _mm256_set1_ps(kExp2Poly5[0]);
 #pragma GCC unroll 4
@@ -118,7 +121,8 @@ inline __m256 exp_neg(__m256 z) {
 template <bool kRefine>
 inline __m256 sigmoid(__m256 z) {
   const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 d = _mm256_add_ps(one, exp_neg(_mm256_max_ps(z, _mm256_set1_ps(-88.0f))));
+  z = _mm256_min_ps(_mm256_max_ps(z, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
+  const __m256 d = _mm256_add_ps(one, exp_neg(z));
   const __m256 r = _mm256_rcp14_ps(d);
   return kRefine ? _mm256_fmadd_ps(_mm256_fnmadd_ps(d, r, one), r, r) : r;
 }
