@@ -610,50 +610,112 @@ inline bool tile_forward_sigmoid(const Mlp<float>& m, const Rows& r, const Input
   return true;
 }
 
-// The hidden layer l's activation on the matrix-unit path: a = sigmoid(z + bias) for rows
-// [i0, i0 + n) (bias [H]: b_l, or layer 0's run term), into A in float (the backward's) and, when
-// the next layer runs on the matrix unit, into its operand in the input dtype. The reciprocal
-// is rcp14's (2^-14), finer than the bf16/fp16 rounding of the operand; false at an inf or NaN z.
+// The matrix-unit forward below rounds with AVX512-BF16's vcvtneps2bf16 (one instruction for
+// the ~8 of the integer rounding): every CPU with AMX has it, and without it (or under
+// DIN_OPS_CPU_ISA=avx512) tile_forward takes the general path.
+#pragma GCC push_options
+#pragma GCC target("avx512bf16")
+
+// v rounded to L (bf16: nearest even, denormals flushed, NaN kept; fp16: F16C's rounding)
+template <typename L>
+inline void store_lowp(L* p, __mmask16 m, __m512 v) {
+  if constexpr (std::is_same_v<L, c10::BFloat16>) {
+    v512::store16(p, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+  } else {
+    v512::store(p, m, v);
+  }
+}
+
+// The hidden layer's activation on the matrix-unit path: a = sigmoid(z + bias) for rows
+// [i0, i0 + n) (bias [H]: b_l, or layer 0's run term), into A in float (null: not kept) and
+// into the next layer's operand in L (null: that layer runs in float). The sigmoid is the one
+// whose result is kept in L (vec512.h: bf16's exp to 1e-4, rcp14 unrefined), well inside the
+// operand's rounding; the backward's float A takes the same values. False at an inf or NaN z.
 template <typename L>
 bool lowp_sigmoid_rows(const float* z, int64_t H, const float* bias, int64_t i0, int64_t n, float* A, L* Al,
                        int64_t ldl) {
   __mmask16 bad = 0;
   for (int64_t i = i0; i < i0 + n; ++i) {
     const float* zi = z + i * H;
-    float* ai = A + i * H;
     for (int64_t h = 0; h < H; h += 16) {
       const __mmask16 m = v512::lanes(H - h);
       const __m512 v = _mm512_add_ps(v512::load(zi + h, m), v512::load(bias + h, m));
       bad |= _mm512_mask_fpclass_ps_mask(m, v, 0x99);
-      const __m512 a = v512::sigmoid<false>(v);
-      v512::store(ai + h, m, a);
-      if (Al != nullptr) v512::store(Al + i * ldl + h, m, a);
+      const __m512 a = v512::sigmoid<L>(v);
+      if (A != nullptr) v512::store(A + i * H + h, m, a);
+      if (Al != nullptr) store_lowp(Al + i * ldl + h, m, a);
     }
   }
   return bad == 0;
 }
 
+// Layer 0's operand [k, k * q] in L for the tile's rows, K padding zero, from the keys as
+// stored (bf16 keys: their bits copied, then widened for the product) or in float.
+template <typename L>
+void pack_layer0_lowp(const Mlp<float>& m, const Rows& r, const Inputs<float>& in, Workspace<float>& ws) {
+  const int64_t D = m.D, Kp = m.lowp_w[0].Kp;
+  L* Xl = reinterpret_cast<L*>(ws.Xl.data());
+  for (size_t j = 0; j < ws.segs.size(); ++j) {
+    const Segment& s = ws.segs[j];
+    const float* q = ws.Qs.data() + j * D;
+    const int64_t p0 = (r.start[s.b] + s.t0) * D;
+    for (int64_t i = 0; i < s.n; ++i) {
+      L* x = Xl + (s.off + i) * Kp;
+      for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 mk = v512::lanes(D - d);
+        __m512 k;
+        if (std::is_same_v<L, c10::BFloat16> && in.kb != nullptr) {
+          const __m256i kb = v512::load16(in.kb + p0 + i * D + d, mk);
+          v512::store16(x + d, mk, kb);
+          k = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(kb), 16));
+        } else {
+          k = v512::load(in.k + p0 + i * D + d, mk);
+          store_lowp(x + d, mk, k);
+        }
+        store_lowp(x + D + d, mk, _mm512_mul_ps(k, v512::load(q + d, mk)));
+      }
+      for (int64_t d = 2 * D; d < Kp; ++d) x[d] = L(0);
+    }
+  }
+  const int64_t Mr = (ws.M + kRowsM - 1) / kRowsM * kRowsM;
+  std::fill(ws.Xl.begin() + ws.M * Kp, ws.Xl.begin() + Mr * Kp, uint16_t(0));
+}
+
 // tile_forward for sigmoid MLPs with finite parameters on the matrix unit (bf16/fp16 inputs):
 // the products write Z, and one pass per hidden layer adds the bias, takes the sigmoid and
 // rounds the next layer's operand (no float copy of the bias into Z, no separate rounding pass).
+// Float activations are written only where a float layer or the backward reads them.
 // False, as tile_forward_sigmoid, when layer 0 holds an inf or a NaN.
 template <typename L>
 bool tile_forward_lowp_sigmoid_as(const Mlp<float>& m, const Rows& r, const Inputs<float>& in, Workspace<float>& ws) {
-  const int64_t H0 = m.H[0], M = ws.M, Mr = (M + kRowsM - 1) / kRowsM * kRowsM;
+  const int64_t D = m.D, H0 = m.H[0], M = ws.M, Mr = (M + kRowsM - 1) / kRowsM * kRowsM;
   ws.keep_nan = false;
   ws.unfolded = true;
-  layer0_unfolded(m, r, in, ws, false);
+  if (ws.keep_x) {
+    layer0_unfolded(m, r, in, ws, false);  // the backward reads X in float
+  } else {
+    // the runs' terms Cs = Qs (Wq + Wd)^T + b0, then Z0 = [k, k * q] [Wk - Wd | Wp]^T
+    const int64_t S = static_cast<int64_t>(ws.segs.size());
+    for (int64_t j = 0; j < S; ++j) {
+      const Segment& s = ws.segs[j];
+      std::memcpy(ws.Qs.data() + j * D, in.q + (s.b * r.C + s.c) * D, D * sizeof(float));
+    }
+    mm_bias<float>(S, H0, D, ws.Qs.data(), D, m.WqdT.data(), H0, m.bias(0), ws.Cs.data(), H0);
+    pack_layer0_lowp<L>(m, r, in, ws);
+    lowp_product(m.lowp_w[0], m.lowp, Mr, ws.Xl.data(), ws.Z[0].data(), H0, false);
+  }
   L* Al = reinterpret_cast<L*>(ws.Al.data());
-  auto operand = [&](int64_t l) -> L* {  // layer l's operand buffer, or null when l runs in float
-    return l < m.L && m.lowp_w[l].packed.defined() ? Al : nullptr;
-  };
-  auto ld = [&](int64_t l) { return l < m.L && m.lowp_w[l].packed.defined() ? m.lowp_w[l].Kp : 0; };
+  auto on_unit = [&](int64_t l) { return l < m.L && m.lowp_w[l].packed.defined(); };
+  auto operand = [&](int64_t l) -> L* { return on_unit(l) ? Al : nullptr; };  // layer l's operand
+  auto ld = [&](int64_t l) { return on_unit(l) ? m.lowp_w[l].Kp : 0; };
+  // layer l's float activations, when the backward or a float layer l + 1 reads them
+  auto keep = [&](int64_t l) -> float* { return ws.keep_x || !on_unit(l + 1) ? ws.A[l].data() : nullptr; };
   bool ok = true;
   {
     L* al = operand(1);
     for (size_t j = 0; j < ws.segs.size(); ++j) {
       const Segment& s = ws.segs[j];
-      ok &= lowp_sigmoid_rows(ws.Z[0].data(), H0, ws.Cs.data() + j * H0, s.off, s.n, ws.A[0].data(), al, ld(1));
+      ok &= lowp_sigmoid_rows(ws.Z[0].data(), H0, ws.Cs.data() + j * H0, s.off, s.n, keep(0), al, ld(1));
     }
   }
   if (!ok) return false;
@@ -662,13 +724,14 @@ bool tile_forward_lowp_sigmoid_as(const Mlp<float>& m, const Rows& r, const Inpu
     L* al = operand(l);
     if (al != nullptr) {
       const int64_t kp = m.lowp_w[l].Kp;
-      for (int64_t i = 0; i < M; ++i) std::fill(Al + i * kp + Hin, Al + (i + 1) * kp, L(0));  // K padding
+      if (kp > Hin)
+        for (int64_t i = 0; i < M; ++i) std::fill(Al + i * kp + Hin, Al + (i + 1) * kp, L(0));  // K padding
       std::fill(Al + M * kp, Al + Mr * kp, L(0));
     }
     if (l + 1 < m.L) {
       if (al != nullptr) {
         lowp_product(m.lowp_w[l], m.lowp, Mr, ws.Al.data(), ws.Z[l].data(), H, false);
-        lowp_sigmoid_rows(ws.Z[l].data(), H, m.bias(l), 0, M, ws.A[l].data(), operand(l + 1), ld(l + 1));
+        lowp_sigmoid_rows(ws.Z[l].data(), H, m.bias(l), 0, M, keep(l), operand(l + 1), ld(l + 1));
       } else {
         gemm512::Act act{ws.A[l].data(), H, false};
         gemm512::gemm<true>(M, H, Hin, ws.A[l - 1].data(), Hin, 1, m.WT[l].data(), H, nullptr, H,
@@ -678,7 +741,7 @@ bool tile_forward_lowp_sigmoid_as(const Mlp<float>& m, const Rows& r, const Inpu
           for (int64_t i = 0; i < M; ++i)
             for (int64_t h = 0; h < H; h += 16) {
               const __mmask16 mk = v512::lanes(H - h);
-              v512::store(nl + i * ld(l + 1) + h, mk, v512::load(ws.A[l].data() + i * H + h, mk));
+              store_lowp(nl + i * ld(l + 1) + h, mk, v512::load(ws.A[l].data() + i * H + h, mk));
             }
       }
     } else if (al != nullptr) {
@@ -692,11 +755,11 @@ bool tile_forward_lowp_sigmoid_as(const Mlp<float>& m, const Rows& r, const Inpu
   return true;
 }
 
-inline bool tile_forward_lowp_sigmoid(const Mlp<float>& m, const Rows& r, const Inputs<float>& in,
-                                      Workspace<float>& ws) {
+bool tile_forward_lowp_sigmoid(const Mlp<float>& m, const Rows& r, const Inputs<float>& in, Workspace<float>& ws) {
   return m.lowp == at::kBFloat16 ? tile_forward_lowp_sigmoid_as<c10::BFloat16>(m, r, in, ws)
                                  : tile_forward_lowp_sigmoid_as<c10::Half>(m, r, in, ws);
 }
+#pragma GCC pop_options
 #endif
 
 // Forward through the tile: Z[l] for every layer, A[l] for every layer but the last (the AVX-512
@@ -707,7 +770,7 @@ void tile_forward(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace
   if constexpr (std::is_same_v<T, float>) {
     if (m.act == Act::Sigmoid && !m.nonfinite && m.L > 1) {
       if (m.lowp == at::ScalarType::Undefined ? tile_forward_sigmoid(m, r, in, ws)
-                                              : tile_forward_lowp_sigmoid(m, r, in, ws))
+                                              : cpu_avx512_bf16() && tile_forward_lowp_sigmoid(m, r, in, ws))
         return;
     }
   }
