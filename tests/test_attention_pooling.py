@@ -192,6 +192,20 @@ def test_half_precision_matrix_unit(dtype, tol, hidden):
         check_half_precision(q, k, lengths, W, b, kw, params, dtype, tol, normalization)
 
 
+def test_half_precision_matrix_unit_without_avx512_bf16():
+    """The matrix-unit forward rounds with AVX512-BF16's instructions; with those capped
+    (DIN_OPS_CPU_ISA=avx512) it takes the general path, which must match the reference too."""
+    import os
+    import subprocess
+    import sys
+    script = "import sys, torch; sys.path.insert(0, %r); import test_attention_pooling as t\n" % os.path.dirname(
+        os.path.abspath(__file__))
+    for hidden in [(33, 17), (24, 8, 20)]:
+        script += f"t.test_half_precision_matrix_unit(torch.bfloat16, 8e-2, {hidden})\n"
+        script += f"t.test_half_precision_matrix_unit(torch.float16, 2e-2, {hidden})\n"
+    subprocess.run([sys.executable, "-c", script], check=True, env=dict(os.environ, DIN_OPS_CPU_ISA="avx512"))
+
+
 # The AVX-512 float products run in register blocks of 1 to 5 vectors of 16 columns (masked
 # tails; a last group of 8 columns or fewer in 256-bit registers), panels of 80 columns, blocks
 # of 12, 8, 6 or 4 rows and remainders of 4, 2 and 1 rows, with the sigmoid taken on the
