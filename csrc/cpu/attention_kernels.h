@@ -378,8 +378,65 @@ inline uint16_t bf16_bits(float f) {
   return static_cast<uint16_t>(r >> 16);
 }
 
+#ifdef AP_V512
+// The matrix unit's roundings in vector code with AVX512-BF16's vcvtneps2bf16 (one instruction
+// for the ~8 of the integer rounding): every CPU with AMX has it; without it (cpu_avx512_bf16,
+// false under DIN_OPS_CPU_ISA=avx512) the scalar loops run.
+#pragma GCC push_options
+#pragma GCC target("avx512bf16")
+namespace lowp512 {
+
+// v rounded to L (bf16: nearest even, denormals flushed, NaN kept; fp16: F16C's rounding)
+template <typename L>
+inline void store_lowp(L* p, __mmask16 m, __m512 v) {
+  if constexpr (std::is_same_v<L, c10::BFloat16>) {
+    v512::store16(p, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+  } else {
+    v512::store(p, m, v);
+  }
+}
+
+// to_lowp below
+template <typename L>
+void to_lowp(const float* x, int64_t M, int64_t cols, int64_t Mr, int64_t ld, uint16_t* out) {
+  for (int64_t i = 0; i < M; ++i) {
+    L* o = reinterpret_cast<L*>(out + i * ld);
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 m = v512::lanes(cols - j);
+      store_lowp(o + j, m, v512::load(x + i * cols + j, m));
+    }
+    std::fill(out + i * ld + cols, out + (i + 1) * ld, uint16_t(0));
+  }
+  std::fill(out + M * ld, out + Mr * ld, uint16_t(0));
+}
+
+// out [H, Mr] = x^T in L for x [M, H] (16 rows at a time, each column gathered), zero past M
+template <typename L>
+void transpose_lowp(const float* x, int64_t M, int64_t H, int64_t Mr, uint16_t* out) {
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int>(H)));
+  for (int64_t i0 = 0; i0 < M; i0 += 16) {
+    const __mmask16 m = v512::lanes(M - i0);
+    const float* base = x + i0 * H;
+    for (int64_t h = 0; h < H; ++h) {
+      const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rows, base + h, 4);
+      store_lowp(reinterpret_cast<L*>(out + h * Mr + i0), m, v);
+    }
+  }
+  for (int64_t h = 0; h < H; ++h) std::fill(out + h * Mr + M, out + (h + 1) * Mr, uint16_t(0));
+}
+
+}  // namespace lowp512
+#pragma GCC pop_options
+#endif
+
 inline void to_lowp(at::ScalarType dt, const float* x, int64_t M, int64_t cols, int64_t Mr, int64_t ld,
                     uint16_t* out) {
+#ifdef AP_V512
+  if (cpu_avx512_bf16())
+    return dt == at::kBFloat16 ? lowp512::to_lowp<c10::BFloat16>(x, M, cols, Mr, ld, out)
+                               : lowp512::to_lowp<c10::Half>(x, M, cols, Mr, ld, out);
+#endif
   for (int64_t i = 0; i < M; ++i) {
     const float* __restrict xi = x + i * cols;
     uint16_t* __restrict o = out + i * ld;
@@ -420,7 +477,13 @@ void lowp_wgrad_as(at::ScalarType dt, const float* dz, int64_t M, int64_t H, con
                    uint16_t* dzt, uint16_t* a, uint16_t* packed, float* C) {
   const int64_t Mr = (M + kRowsM - 1) / kRowsM * kRowsM;  // the product's K: even, zero past M
   constexpr int64_t kRows = 32;  // transposed in blocks of rows that stay in L1
-  for (int64_t i0 = 0; i0 < M; i0 += kRows) {
+#ifdef AP_V512
+  const bool vec = cpu_avx512_bf16();
+  if (vec) lowp512::transpose_lowp<L>(dz, M, H, Mr, dzt);
+#else
+  constexpr bool vec = false;
+#endif
+  for (int64_t i0 = 0; i0 < (vec ? 0 : M); i0 += kRows) {
     const int64_t i1 = std::min(M, i0 + kRows);
     for (int64_t h = 0; h < H; ++h) {
       uint16_t* __restrict o = dzt + h * Mr;
@@ -431,7 +494,8 @@ void lowp_wgrad_as(at::ScalarType dt, const float* dz, int64_t M, int64_t H, con
       }
     }
   }
-  for (int64_t h = 0; h < H; ++h) std::fill(dzt + h * Mr + M, dzt + (h + 1) * Mr, uint16_t(0));
+  if (!vec)
+    for (int64_t h = 0; h < H; ++h) std::fill(dzt + h * Mr + M, dzt + (h + 1) * Mr, uint16_t(0));
   to_lowp(dt, A, M, N, Mr, N, a);
   for (int64_t j = 0; j * kBlockN < N; ++j) {
     const int64_t n = std::min(kBlockN, N - j * kBlockN);
@@ -610,21 +674,11 @@ inline bool tile_forward_sigmoid(const Mlp<float>& m, const Rows& r, const Input
   return true;
 }
 
-// The matrix-unit forward below rounds with AVX512-BF16's vcvtneps2bf16 (one instruction for
-// the ~8 of the integer rounding): every CPU with AMX has it, and without it (or under
-// DIN_OPS_CPU_ISA=avx512) tile_forward takes the general path.
+// The matrix-unit forward below rounds in vector code (lowp512 above); without AVX512-BF16 (or
+// under DIN_OPS_CPU_ISA=avx512) tile_forward takes the general path.
 #pragma GCC push_options
 #pragma GCC target("avx512bf16")
-
-// v rounded to L (bf16: nearest even, denormals flushed, NaN kept; fp16: F16C's rounding)
-template <typename L>
-inline void store_lowp(L* p, __mmask16 m, __m512 v) {
-  if constexpr (std::is_same_v<L, c10::BFloat16>) {
-    v512::store16(p, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-  } else {
-    v512::store(p, m, v);
-  }
-}
+using lowp512::store_lowp;
 
 // The hidden layer's activation on the matrix-unit path: a = sigmoid(z + bias) for rows
 // [i0, i0 + n) (bias [H]: b_l, or layer 0's run term), into A in float (null: not kept) and
@@ -1110,6 +1164,18 @@ void pool_backward(const Rows& r, const Inputs<T>& in, bool softmax, T sc, const
     const int64_t written = r.C > 0 ? n : 0;
     std::fill(dk + written * D, dk + (r.jagged ? n : r.T) * D, T(0));
   }
+}
+
+// bf16 values widened (exact) and rounded back (nearest even), for the backward's per-range
+// float copies of the keys and their gradient.
+template <typename T>
+void widen_bf16(const uint16_t* __restrict x, int64_t n, T* __restrict out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = T(bf16_value(x[i]));
+}
+
+template <typename T>
+void narrow_bf16(const T* __restrict x, int64_t n, uint16_t* __restrict out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = bf16_bits(static_cast<float>(x[i]));
 }
 
 // Per-channel mean and M2 of a tile's last-layer pre-activations z [M, H], summed in double:

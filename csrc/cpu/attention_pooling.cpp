@@ -617,13 +617,15 @@ struct Kernels {
   decltype(&isa_base::pool_backward<T>) pool_backward;
   decltype(&isa_base::tile_moments<T>) tile_moments;
   decltype(&isa_base::stats_dz<T>) stats_dz;
+  decltype(&isa_base::widen_bf16<T>) widen_bf16;
+  decltype(&isa_base::narrow_bf16<T>) narrow_bf16;
 };
 
 #define AP_KERNELS(ns)                                                                       \
   Kernels<T> {                                                                               \
     ns::tile_forward<T>, ns::tile_backward<T>, ns::pool_forward<T>, ns::pool_segment<T>,   \
         ns::pool_backward<T>,                                                                \
-        ns::tile_moments<T>, ns::stats_dz<T>                                                 \
+        ns::tile_moments<T>, ns::stats_dz<T>, ns::widen_bf16<T>, ns::narrow_bf16<T>          \
   }
 
 template <typename T>
@@ -959,7 +961,10 @@ GradTuple attention_pooling_backward_kernel(
   TORCH_CHECK(grad_out.numel() == r.B * r.C * r.D, "attention_pooling_backward: grad_out shape");
   TORCH_CHECK(attn.numel() == r.P * r.C, "attention_pooling_backward: attn shape");
   const auto acc_s = acc_scalar_type(query.scalar_type());
-  const AccInputs ai = acc_inputs(query, keys);
+  // bf16 keys are widened, and their gradient rounded, one row range at a time in the range's
+  // thread (a block that stays in cache while it is used), not as whole [P, D] float tensors
+  const bool bf16_keys = keys.scalar_type() == at::kBFloat16 && acc_s == at::kFloat;
+  const AccInputs ai = bf16_keys ? AccInputs{acc(query, acc_s), keys.contiguous()} : acc_inputs(query, keys);
   const at::Tensor go = acc(grad_out, acc_s);
   const at::Tensor w = acc(attn, acc_s);
   at::Tensor ga;
@@ -969,7 +974,7 @@ GradTuple attention_pooling_backward_kernel(
   }
   at::Tensor gq = new_zeros({r.B * r.C, r.D}, acc_s);
   // every valid position is written by the pooling pass below, the padding is zeroed there
-  at::Tensor gk = new_empty({r.P, r.D}, acc_s);
+  at::Tensor gk = new_empty({r.P, r.D}, bf16_keys ? at::kBFloat16 : acc_s);
   at::Tensor ds = new_empty({r.P * r.C}, acc_s);
   GradTuple result;
   AT_DISPATCH_FLOATING_TYPES(acc_s, "attention_pooling_backward_cpu", [&] {
@@ -978,7 +983,6 @@ GradTuple attention_pooling_backward_kernel(
                            std::string(activation), eps, lowp_dtype<scalar_t>(query.scalar_type()));
     pack_backward(m);
     const GradLayout lay = grad_layout(m);
-    const Inputs<T> in{ai.q.data_ptr<T>(), ai.k.data_ptr<T>()};
     const Work work = make_units(r);
     const auto ranges = row_ranges(r, m);
     const int64_t n_ranges = static_cast<int64_t>(ranges.size()) - 1;
@@ -987,14 +991,31 @@ GradTuple attention_pooling_backward_kernel(
     const T* pga = ga.defined() ? ga.data_ptr<T>() : nullptr;
     const T* pgo = go.data_ptr<T>();
     T* pds = ds.data_ptr<T>();
-    T* pgk = gk.data_ptr<T>();
     T* pgq = gq.data_ptr<T>();
     const T sc = static_cast<T>(scale);
     const Kernels<T> K = kernels<T>();
     for_each_part(n_ranges, [&](int64_t lo, int64_t hi) {
       Workspace<T> ws(m, tile_rows(r), true);
+      Scratch<T> kf, gkf;  // bf16 keys: the range's keys and key gradient in float
       for (int64_t part = lo; part < hi; ++part) {
         const int64_t rb = ranges[part], re = ranges[part + 1];
+        if (rb == re) continue;
+        Inputs<T> in{ai.q.data_ptr<T>(), nullptr};
+        T* pgk = nullptr;
+        // the range's key rows [p0, p1), padding included (its gradient rows are zeroed)
+        const int64_t p0 = r.start[rb], p1 = r.start[re - 1] + (r.jagged ? r.len[re - 1] : r.T);
+        if (bf16_keys) {
+          kf.resize((p1 - p0) * r.D);
+          gkf.resize((p1 - p0) * r.D);
+          K.widen_bf16(reinterpret_cast<const uint16_t*>(ai.k.data_ptr<at::BFloat16>()) + p0 * r.D, (p1 - p0) * r.D,
+                       kf.data());
+          // indexed by position as the whole tensors are: only [p0, p1) is read or written
+          in.k = kf.data() - p0 * r.D;
+          pgk = gkf.data() - p0 * r.D;
+        } else {
+          in.k = ai.k.data_ptr<T>();
+          pgk = gk.data_ptr<T>();
+        }
         // Pooling and normalization: dL/ds for every valid pair, and the pooling's share of dk.
         K.pool_backward(r, in, softmax, sc, pw, pga, pgo, rb, re, pds, pgk);
         // The MLP, tile by tile.
@@ -1007,6 +1028,8 @@ GradTuple attention_pooling_backward_kernel(
           K.tile_backward(m, lay, r, in, wk, wk.start_grads(), pgk, pgq);
           parts.add(part, wk.g.data());
         });
+        if (bf16_keys)
+          K.narrow_bf16(gkf.data(), (p1 - p0) * r.D, reinterpret_cast<uint16_t*>(gk.data_ptr<at::BFloat16>()) + p0 * r.D);
       }
     }, small_call(r, m));
     result = finish_grads<T>(m, lay, parts, gq, gk, query, keys, weights, act_weights, norm_mean, norm_weight,
