@@ -685,12 +685,21 @@ using lowp512::store_lowp;
 // into the next layer's operand in L (null: that layer runs in float). The sigmoid is the one
 // whose result is kept in L (vec512.h: bf16's exp to 1e-4, rcp14 unrefined), well inside the
 // operand's rounding; the backward's float A takes the same values. False at an inf or NaN z.
+// With out, the output layer's score of each row too (out->s[i] = a . out->w + out->b): the
+// activations then need no float copy.
+struct Score {
+  const float* w;  // [H]
+  float b;
+  float* s;  // [M]
+};
+
 template <typename L>
 bool lowp_sigmoid_rows(const float* z, int64_t H, const float* bias, int64_t i0, int64_t n, float* A, L* Al,
-                       int64_t ldl) {
+                       int64_t ldl, const Score* out = nullptr) {
   __mmask16 bad = 0;
   for (int64_t i = i0; i < i0 + n; ++i) {
     const float* zi = z + i * H;
+    __m512 dot = _mm512_setzero_ps();
     for (int64_t h = 0; h < H; h += 16) {
       const __mmask16 m = v512::lanes(H - h);
       const __m512 v = _mm512_add_ps(v512::load(zi + h, m), v512::load(bias + h, m));
@@ -698,7 +707,9 @@ bool lowp_sigmoid_rows(const float* z, int64_t H, const float* bias, int64_t i0,
       const __m512 a = v512::sigmoid<L>(v);
       if (A != nullptr) v512::store(A + i * H + h, m, a);
       if (Al != nullptr) store_lowp(Al + i * ldl + h, m, a);
+      if (out != nullptr) dot = _mm512_fmadd_ps(a, v512::load(out->w + h, m), dot);  // 0 past H
     }
+    if (out != nullptr) out->s[i] = _mm512_reduce_add_ps(dot) + out->b;
   }
   return bad == 0;
 }
@@ -762,18 +773,26 @@ bool tile_forward_lowp_sigmoid_as(const Mlp<float>& m, const Rows& r, const Inpu
   auto on_unit = [&](int64_t l) { return l < m.L && m.lowp_w[l].packed.defined(); };
   auto operand = [&](int64_t l) -> L* { return on_unit(l) ? Al : nullptr; };  // layer l's operand
   auto ld = [&](int64_t l) { return on_unit(l) ? m.lowp_w[l].Kp : 0; };
+  // Without the backward, a one-column output layer in float is taken in the last hidden
+  // layer's pass when that one runs on the matrix unit (or is layer 0).
+  const int64_t last = m.L - 1;
+  const bool fuse = !ws.keep_x && m.L >= 2 && m.H[last] == 1 && !on_unit(last) && (last == 1 || on_unit(last - 1));
+  const Score score{m.w(last), m.bias(last)[0], ws.Z[last].data()};
+  auto fused = [&](int64_t l) { return fuse && l == last - 1 ? &score : nullptr; };
   // layer l's float activations, when the backward or a float layer l + 1 reads them
-  auto keep = [&](int64_t l) -> float* { return ws.keep_x || !on_unit(l + 1) ? ws.A[l].data() : nullptr; };
+  auto keep = [&](int64_t l) -> float* {
+    return ws.keep_x || (!on_unit(l + 1) && fused(l) == nullptr) ? ws.A[l].data() : nullptr;
+  };
   bool ok = true;
   {
     L* al = operand(1);
     for (size_t j = 0; j < ws.segs.size(); ++j) {
       const Segment& s = ws.segs[j];
-      ok &= lowp_sigmoid_rows(ws.Z[0].data(), H0, ws.Cs.data() + j * H0, s.off, s.n, keep(0), al, ld(1));
+      ok &= lowp_sigmoid_rows(ws.Z[0].data(), H0, ws.Cs.data() + j * H0, s.off, s.n, keep(0), al, ld(1), fused(0));
     }
   }
   if (!ok) return false;
-  for (int64_t l = 1; l < m.L; ++l) {
+  for (int64_t l = 1; l < (fuse ? last : m.L); ++l) {
     const int64_t H = m.H[l], Hin = m.fan_in[l];
     L* al = operand(l);
     if (al != nullptr) {
@@ -785,7 +804,7 @@ bool tile_forward_lowp_sigmoid_as(const Mlp<float>& m, const Rows& r, const Inpu
     if (l + 1 < m.L) {
       if (al != nullptr) {
         lowp_product(m.lowp_w[l], m.lowp, Mr, ws.Al.data(), ws.Z[l].data(), H, false);
-        lowp_sigmoid_rows(ws.Z[l].data(), H, m.bias(l), 0, M, keep(l), operand(l + 1), ld(l + 1));
+        lowp_sigmoid_rows(ws.Z[l].data(), H, m.bias(l), 0, M, keep(l), operand(l + 1), ld(l + 1), fused(l));
       } else {
         gemm512::Act act{ws.A[l].data(), H, false};
         gemm512::gemm<true>(M, H, Hin, ws.A[l - 1].data(), Hin, 1, m.WT[l].data(), H, nullptr, H,
