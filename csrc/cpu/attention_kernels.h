@@ -396,7 +396,7 @@ inline void store_lowp(L* p, __mmask16 m, __m512 v) {
   }
 }
 
-// to_lowp below
+// to_lowp (below) in vector code
 template <typename L>
 void to_lowp(const float* x, int64_t M, int64_t cols, int64_t Mr, int64_t ld, uint16_t* out) {
   for (int64_t i = 0; i < M; ++i) {
