@@ -229,6 +229,28 @@ def test_register_blocks_match_reference(D, hidden, act, layout):
     assert_close_all(got, want, rtol=2e-5, atol=2e-5)
 
 
+# Tiles whose runs are all one position long (T = 1, or C candidates of one-position rows): every
+# run has its own layer-0 term, and hundreds of pairs add into each weight gradient.
+@pytest.mark.parametrize("D,hidden", [(36, (80, 40)), (41, (97, 33, 17))])
+@pytest.mark.parametrize("C", [None, 3])
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_runs_of_one_position_match_reference(D, hidden, C, layout):
+    g = torch.Generator().manual_seed(1)
+    lengths = (torch.rand(300, generator=g) < 0.9).long()  # 0 or 1, several tiles of 256 pairs
+    q, k, lengths, W, b, kw, params = make_case(B=300, T=1, D=D, hidden=hidden, C=C, lengths=lengths)
+    rows = dict(lengths=lengths)
+    if layout == "jagged":
+        k, offsets = to_jagged(k, lengths)
+        rows = dict(offsets=offsets)
+    want = run(R.attention_pooling, q, k, W, b, kw, params, **rows)
+    f32 = [x.float() for x in W], [x.float() for x in b]
+    got = run(din_ops.attention_pooling, q.float(), k.float(), *f32, kw, params, **rows)
+    assert_close_all(got, want, rtol=1e-4, atol=1e-4)  # weight gradients sum 300 pairs in float32
+    with torch.no_grad():
+        out = din_ops.attention_pooling(q.float(), k.float(), *f32, **rows)
+    torch.testing.assert_close(out.double(), want[0], rtol=2e-5, atol=2e-5)
+
+
 # Layer 0 takes the folded form on tiles of long runs and the unfolded one on tiles of short
 # runs (kFoldMinLen = 32 in attention_pooling.cpp); the forward splits one row's candidates and
 # positions over several work ranges once a call is large enough.
