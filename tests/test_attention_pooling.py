@@ -138,13 +138,14 @@ def test_matches_reference_float32(layout, normalization, act):
     assert_close_all(got, want, rtol=1e-5, atol=1e-5)
 
 
-def check_half_precision(q, k, lengths, W, b, kw, params, dtype, tol, normalization):
+def check_half_precision(q, k, lengths, W, b, kw, params, dtype, tol, normalization, offsets=None):
     """Outputs and gradients of half-precision inputs against the fp64 reference of the rounded
-    inputs, within tol relative to each tensor's scale."""
-    got = run(din_ops.attention_pooling, q, k, W, b, kw, params, lengths=lengths, normalization=normalization)
+    inputs, within tol relative to each tensor's scale (jagged keys with offsets)."""
+    rows = dict(lengths=lengths) if offsets is None else dict(offsets=offsets)
+    got = run(din_ops.attention_pooling, q, k, W, b, kw, params, normalization=normalization, **rows)
     up = lambda ts: [t.double() for t in ts]  # noqa: E731
-    want = run(R.attention_pooling, q.double(), k.double(), up(W), up(b), kw, up(params), lengths=lengths,
-               normalization=normalization)
+    want = run(R.attention_pooling, q.double(), k.double(), up(W), up(b), kw, up(params),
+               normalization=normalization, **rows)
     for a, w in zip(got, want):
         assert a.dtype == dtype
         scale = max(1.0, float(w.abs().max())) if w.numel() else 1.0
@@ -157,6 +158,22 @@ def test_half_precision(dtype, tol, normalization):
     """fp16/bf16 inputs accumulate in fp32; compared with the fp64 reference of the rounded inputs."""
     q, k, lengths, W, b, kw, params = make_case(B=5, T=8, D=6, hidden=(8, 4), dtype=dtype)
     check_half_precision(q, k, lengths, W, b, kw, params, dtype, tol, normalization)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 8e-2)])
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_half_precision_row_ranges(dtype, tol, layout):
+    """A call large enough for several row ranges, with candidates: the backward widens bf16
+    keys and rounds their gradient one range at a time (padding rows included in padded keys)."""
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.randint(0, 71, (64,), generator=g)
+    q, k, lengths, W, b, kw, params = make_case(B=64, T=70, D=16, hidden=(40, 16), C=2, dtype=dtype,
+                                                lengths=lengths)
+    offsets = None
+    if layout == "jagged":
+        k, offsets = to_jagged(k, lengths)
+    for normalization in ["none", "softmax"]:
+        check_half_precision(q, k, lengths, W, b, kw, params, dtype, tol, normalization, offsets=offsets)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
