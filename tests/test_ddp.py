@@ -74,6 +74,9 @@ def _worker(rank, init_file, out_path):
         grads, params = _step(model, core, {k: v[lo:hi] for k, v in full.items()}, sync=True)
         if rank == 0:
             torch.save({"grads": grads, "params": params}, out_path)
+        # both ranks done with every collective before either tears gloo down (rank 0 once
+        # aborted, std::terminate, after both ranks had synchronized their gradients)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
