@@ -378,9 +378,18 @@ inline uint16_t bf16_bits(float f) {
   return static_cast<uint16_t>(r >> 16);
 }
 
+// Whether the matrix unit's operands are rounded in vector code (lowp512).
+inline bool vector_roundings() {
+#ifdef AP_V512
+  return cpu_avx512_bf16();
+#else
+  return false;
+#endif
+}
+
 #ifdef AP_V512
 // The matrix unit's roundings in vector code with AVX512-BF16's vcvtneps2bf16 (one instruction
-// for the ~8 of the integer rounding): every CPU with AMX has it; without it (cpu_avx512_bf16,
+// for the ~8 of the integer rounding): every CPU with AMX has it; without it (vector_roundings,
 // false under DIN_OPS_CPU_ISA=avx512) the scalar loops run.
 #pragma GCC push_options
 #pragma GCC target("avx512bf16")
@@ -426,6 +435,38 @@ void transpose_lowp(const float* x, int64_t M, int64_t H, int64_t Mr, uint16_t* 
   for (int64_t h = 0; h < H; ++h) std::fill(out + h * Mr + M, out + (h + 1) * Mr, uint16_t(0));
 }
 
+// Layer 0's operand [k, k * q] in L for the tile's rows, K padding zero, from the keys as
+// stored (bf16 keys: their bits copied, then widened for the product) or in float.
+template <typename L>
+void pack_layer0(const Mlp<float>& m, const Rows& r, const Inputs<float>& in, Workspace<float>& ws) {
+  const int64_t D = m.D, Kp = m.lowp_w[0].Kp;
+  L* Xl = reinterpret_cast<L*>(ws.Xl.data());
+  for (size_t j = 0; j < ws.segs.size(); ++j) {
+    const Segment& s = ws.segs[j];
+    const float* q = ws.Qs.data() + j * D;
+    const int64_t p0 = (r.start[s.b] + s.t0) * D;
+    for (int64_t i = 0; i < s.n; ++i) {
+      L* x = Xl + (s.off + i) * Kp;
+      for (int64_t d = 0; d < D; d += 16) {
+        const __mmask16 mk = v512::lanes(D - d);
+        __m512 k;
+        if (std::is_same_v<L, c10::BFloat16> && in.kb != nullptr) {
+          const __m256i kb = v512::load16(in.kb + p0 + i * D + d, mk);
+          v512::store16(x + d, mk, kb);
+          k = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(kb), 16));
+        } else {
+          k = v512::load(in.k + p0 + i * D + d, mk);
+          store_lowp(x + d, mk, k);
+        }
+        store_lowp(x + D + d, mk, _mm512_mul_ps(k, v512::load(q + d, mk)));
+      }
+      for (int64_t d = 2 * D; d < Kp; ++d) x[d] = L(0);
+    }
+  }
+  const int64_t Mr = (ws.M + kRowsM - 1) / kRowsM * kRowsM;
+  std::fill(ws.Xl.begin() + ws.M * Kp, ws.Xl.begin() + Mr * Kp, uint16_t(0));
+}
+
 }  // namespace lowp512
 #pragma GCC pop_options
 #endif
@@ -433,7 +474,7 @@ void transpose_lowp(const float* x, int64_t M, int64_t H, int64_t Mr, uint16_t* 
 inline void to_lowp(at::ScalarType dt, const float* x, int64_t M, int64_t cols, int64_t Mr, int64_t ld,
                     uint16_t* out) {
 #ifdef AP_V512
-  if (cpu_avx512_bf16())
+  if (vector_roundings())
     return dt == at::kBFloat16 ? lowp512::to_lowp<c10::BFloat16>(x, M, cols, Mr, ld, out)
                                : lowp512::to_lowp<c10::Half>(x, M, cols, Mr, ld, out);
 #endif
@@ -448,6 +489,28 @@ inline void to_lowp(at::ScalarType dt, const float* x, int64_t M, int64_t cols, 
     for (int64_t j = cols; j < ld; ++j) o[j] = 0;
   }
   std::fill(out + M * ld, out + Mr * ld, uint16_t(0));
+}
+
+// out [H, Mr] = x^T rounded to the matrix unit's dtype for x [M, H], zero past M.
+inline void transpose_lowp(at::ScalarType dt, const float* x, int64_t M, int64_t H, int64_t Mr, uint16_t* out) {
+#ifdef AP_V512
+  if (vector_roundings())
+    return dt == at::kBFloat16 ? lowp512::transpose_lowp<c10::BFloat16>(x, M, H, Mr, out)
+                               : lowp512::transpose_lowp<c10::Half>(x, M, H, Mr, out);
+#endif
+  constexpr int64_t kRows = 32;  // transposed in blocks of rows that stay in L1
+  for (int64_t i0 = 0; i0 < M; i0 += kRows) {
+    const int64_t i1 = std::min(M, i0 + kRows);
+    for (int64_t h = 0; h < H; ++h) {
+      uint16_t* __restrict o = out + h * Mr;
+      if (dt == at::kBFloat16) {
+        for (int64_t i = i0; i < i1; ++i) o[i] = bf16_bits(x[i * H + h]);
+      } else {
+        for (int64_t i = i0; i < i1; ++i) o[i] = c10::Half(x[i * H + h]).x;
+      }
+    }
+  }
+  for (int64_t h = 0; h < H; ++h) std::fill(out + h * Mr + M, out + (h + 1) * Mr, uint16_t(0));
 }
 
 // C [Mr, N] += buf W_l^T on the matrix unit, buf [Mr, Kp] already in its dtype.
@@ -476,26 +539,7 @@ template <typename L>
 void lowp_wgrad_as(at::ScalarType dt, const float* dz, int64_t M, int64_t H, const float* A, int64_t N,
                    uint16_t* dzt, uint16_t* a, uint16_t* packed, float* C) {
   const int64_t Mr = (M + kRowsM - 1) / kRowsM * kRowsM;  // the product's K: even, zero past M
-  constexpr int64_t kRows = 32;  // transposed in blocks of rows that stay in L1
-#ifdef AP_V512
-  const bool vec = cpu_avx512_bf16();
-  if (vec) lowp512::transpose_lowp<L>(dz, M, H, Mr, dzt);
-#else
-  constexpr bool vec = false;
-#endif
-  for (int64_t i0 = 0; i0 < (vec ? 0 : M); i0 += kRows) {
-    const int64_t i1 = std::min(M, i0 + kRows);
-    for (int64_t h = 0; h < H; ++h) {
-      uint16_t* __restrict o = dzt + h * Mr;
-      if (dt == at::kBFloat16) {
-        for (int64_t i = i0; i < i1; ++i) o[i] = bf16_bits(dz[i * H + h]);
-      } else {
-        for (int64_t i = i0; i < i1; ++i) o[i] = c10::Half(dz[i * H + h]).x;
-      }
-    }
-  }
-  if (!vec)
-    for (int64_t h = 0; h < H; ++h) std::fill(dzt + h * Mr + M, dzt + (h + 1) * Mr, uint16_t(0));
+  transpose_lowp(dt, dz, M, H, Mr, dzt);
   to_lowp(dt, A, M, N, Mr, N, a);
   for (int64_t j = 0; j * kBlockN < N; ++j) {
     const int64_t n = std::min(kBlockN, N - j * kBlockN);
@@ -548,6 +592,42 @@ void layer0_folded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspac
   }
 }
 
+// Layer 0's operand [k, k * q] in the matrix unit's dtype for the tile's rows (ws.Qs holds the
+// runs' queries), K padding zero, from bf16 keys as stored or from float keys; fp16 in vector
+// code only (layer0_unfolded).
+inline void pack_layer0_lowp(const Mlp<float>& m, const Rows& r, const Inputs<float>& in, Workspace<float>& ws) {
+#ifdef AP_V512
+  if (vector_roundings())
+    return m.lowp == at::kBFloat16 ? lowp512::pack_layer0<c10::BFloat16>(m, r, in, ws)
+                                   : lowp512::pack_layer0<c10::Half>(m, r, in, ws);
+#endif
+  const int64_t D = m.D, Kp = m.lowp_w[0].Kp, M = ws.M, Mr = (M + kRowsM - 1) / kRowsM * kRowsM;
+  uint16_t* Xl = ws.Xl.data();
+  for (size_t j = 0; j < ws.segs.size(); ++j) {
+    const Segment& s = ws.segs[j];
+    const float* __restrict q = ws.Qs.data() + j * D;
+    const int64_t p0 = (r.start[s.b] + s.t0) * D;
+    for (int64_t i = 0; i < s.n; ++i) {
+      uint16_t* __restrict x = Xl + (s.off + i) * Kp;
+      if (in.kb != nullptr) {
+        const uint16_t* __restrict kt = in.kb + p0 + i * D;
+        for (int64_t d = 0; d < D; ++d) {
+          x[d] = kt[d];
+          x[D + d] = bf16_bits(bf16_value(kt[d]) * q[d]);
+        }
+      } else {
+        const float* __restrict kt = in.k + p0 + i * D;
+        for (int64_t d = 0; d < D; ++d) {
+          x[d] = bf16_bits(kt[d]);
+          x[D + d] = bf16_bits(kt[d] * q[d]);
+        }
+      }
+      for (int64_t d = 2 * D; d < Kp; ++d) x[d] = 0;
+    }
+  }
+  std::fill(Xl + M * Kp, Xl + Mr * Kp, uint16_t(0));
+}
+
 // Layer 0 of a tile in the unfolded two-product form: z = [k, k * q] [Wk - Wd | Wp]^T +
 // (Wq + Wd) q + b0, one GEMM over the tile plus one over its runs' queries. Twice the
 // multiply-adds per position of the folded form but no per-run setup: for tiles of short runs.
@@ -566,8 +646,9 @@ void layer0_unfolded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Worksp
   mm_bias<T>(S, H0, D, Qs, D, m.WqdT.data(), H0, m.bias(0), Cs, H0);
   T* Z0 = ws.Z[0].data();
   T* X = ws.X.data();
-  // bf16 X goes straight into Xl below when the backward does not need it in float
-  const bool direct = m.lowp == at::kBFloat16 && !ws.keep_x;
+  // X goes straight into Xl below when the backward does not need it in float (bf16; fp16 too
+  // where the vector roundings run)
+  const bool direct = !ws.keep_x && (m.lowp == at::kBFloat16 || (m.lowp == at::kHalf && vector_roundings()));
   // the plain product's run terms are added to its finished sums below (see mm_bias)
   const bool terms_after = product && m.lowp == at::ScalarType::Undefined;
   for (int64_t j = 0; j < S; ++j) {
@@ -588,33 +669,8 @@ void layer0_unfolded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Worksp
   }
   if constexpr (std::is_same_v<T, float>) {
     if (direct) {
-      const LowpLayer& p = m.lowp_w[0];
-      const int64_t M = ws.M, Mr = (M + kRowsM - 1) / kRowsM * kRowsM;
-      uint16_t* Xl = ws.Xl.data();
-      for (int64_t j = 0; j < S; ++j) {
-        const Segment& s = ws.segs[j];
-        const float* __restrict q = Qs + j * D;
-        const int64_t p0 = (r.start[s.b] + s.t0) * D;
-        for (int64_t i = 0; i < s.n; ++i) {
-          uint16_t* __restrict x = Xl + (s.off + i) * p.Kp;
-          if (in.kb != nullptr) {
-            const uint16_t* __restrict kt = in.kb + p0 + i * D;
-            for (int64_t d = 0; d < D; ++d) {
-              x[d] = kt[d];
-              x[D + d] = bf16_bits(bf16_value(kt[d]) * q[d]);
-            }
-          } else {
-            const float* __restrict kt = in.k + p0 + i * D;
-            for (int64_t d = 0; d < D; ++d) {
-              x[d] = bf16_bits(kt[d]);
-              x[D + d] = bf16_bits(kt[d] * q[d]);
-            }
-          }
-          for (int64_t d = 2 * D; d < p.Kp; ++d) x[d] = 0;
-        }
-      }
-      std::fill(Xl + M * p.Kp, Xl + Mr * p.Kp, uint16_t(0));
-      lowp_product(p, m.lowp, Mr, Xl, Z0, H0, fill_z);
+      pack_layer0_lowp(m, r, in, ws);
+      lowp_product(m.lowp_w[0], m.lowp, (ws.M + kRowsM - 1) / kRowsM * kRowsM, ws.Xl.data(), Z0, H0, fill_z);
       return;
     }
     if (m.lowp != at::ScalarType::Undefined) return lowp_layer(m, 0, X, ws.M, 2 * D, ws.Xl.data(), Z0, H0, fill_z);
@@ -714,38 +770,6 @@ bool lowp_sigmoid_rows(const float* z, int64_t H, const float* bias, int64_t i0,
   return bad == 0;
 }
 
-// Layer 0's operand [k, k * q] in L for the tile's rows, K padding zero, from the keys as
-// stored (bf16 keys: their bits copied, then widened for the product) or in float.
-template <typename L>
-void pack_layer0_lowp(const Mlp<float>& m, const Rows& r, const Inputs<float>& in, Workspace<float>& ws) {
-  const int64_t D = m.D, Kp = m.lowp_w[0].Kp;
-  L* Xl = reinterpret_cast<L*>(ws.Xl.data());
-  for (size_t j = 0; j < ws.segs.size(); ++j) {
-    const Segment& s = ws.segs[j];
-    const float* q = ws.Qs.data() + j * D;
-    const int64_t p0 = (r.start[s.b] + s.t0) * D;
-    for (int64_t i = 0; i < s.n; ++i) {
-      L* x = Xl + (s.off + i) * Kp;
-      for (int64_t d = 0; d < D; d += 16) {
-        const __mmask16 mk = v512::lanes(D - d);
-        __m512 k;
-        if (std::is_same_v<L, c10::BFloat16> && in.kb != nullptr) {
-          const __m256i kb = v512::load16(in.kb + p0 + i * D + d, mk);
-          v512::store16(x + d, mk, kb);
-          k = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(kb), 16));
-        } else {
-          k = v512::load(in.k + p0 + i * D + d, mk);
-          store_lowp(x + d, mk, k);
-        }
-        store_lowp(x + D + d, mk, _mm512_mul_ps(k, v512::load(q + d, mk)));
-      }
-      for (int64_t d = 2 * D; d < Kp; ++d) x[d] = L(0);
-    }
-  }
-  const int64_t Mr = (ws.M + kRowsM - 1) / kRowsM * kRowsM;
-  std::fill(ws.Xl.begin() + ws.M * Kp, ws.Xl.begin() + Mr * Kp, uint16_t(0));
-}
-
 // tile_forward for sigmoid MLPs with finite parameters on the matrix unit (bf16/fp16 inputs):
 // the products write Z, and one pass per hidden layer adds the bias, takes the sigmoid and
 // rounds the next layer's operand (no float copy of the bias into Z, no separate rounding pass).
@@ -753,22 +777,10 @@ void pack_layer0_lowp(const Mlp<float>& m, const Rows& r, const Inputs<float>& i
 // False, as tile_forward_sigmoid, when layer 0 holds an inf or a NaN.
 template <typename L>
 bool tile_forward_lowp_sigmoid_as(const Mlp<float>& m, const Rows& r, const Inputs<float>& in, Workspace<float>& ws) {
-  const int64_t D = m.D, H0 = m.H[0], M = ws.M, Mr = (M + kRowsM - 1) / kRowsM * kRowsM;
+  const int64_t H0 = m.H[0], M = ws.M, Mr = (M + kRowsM - 1) / kRowsM * kRowsM;
   ws.keep_nan = false;
   ws.unfolded = true;
-  if (ws.keep_x) {
-    layer0_unfolded(m, r, in, ws, false);  // the backward reads X in float
-  } else {
-    // the runs' terms Cs = Qs (Wq + Wd)^T + b0, then Z0 = [k, k * q] [Wk - Wd | Wp]^T
-    const int64_t S = static_cast<int64_t>(ws.segs.size());
-    for (int64_t j = 0; j < S; ++j) {
-      const Segment& s = ws.segs[j];
-      std::memcpy(ws.Qs.data() + j * D, in.q + (s.b * r.C + s.c) * D, D * sizeof(float));
-    }
-    mm_bias<float>(S, H0, D, ws.Qs.data(), D, m.WqdT.data(), H0, m.bias(0), ws.Cs.data(), H0);
-    pack_layer0_lowp<L>(m, r, in, ws);
-    lowp_product(m.lowp_w[0], m.lowp, Mr, ws.Xl.data(), ws.Z[0].data(), H0, false);
-  }
+  layer0_unfolded(m, r, in, ws, false);
   L* Al = reinterpret_cast<L*>(ws.Al.data());
   auto on_unit = [&](int64_t l) { return l < m.L && m.lowp_w[l].packed.defined(); };
   auto operand = [&](int64_t l) -> L* { return on_unit(l) ? Al : nullptr; };  // layer l's operand
@@ -843,7 +855,7 @@ void tile_forward(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace
   if constexpr (std::is_same_v<T, float>) {
     if (m.act == Act::Sigmoid && !m.nonfinite && m.L > 1) {
       if (m.lowp == at::ScalarType::Undefined ? tile_forward_sigmoid(m, r, in, ws)
-                                              : cpu_avx512_bf16() && tile_forward_lowp_sigmoid(m, r, in, ws))
+                                              : vector_roundings() && tile_forward_lowp_sigmoid(m, r, in, ws))
         return;
     }
   }
