@@ -176,6 +176,31 @@ def test_half_precision_row_ranges(dtype, tol, layout):
         check_half_precision(q, k, lengths, W, b, kw, params, dtype, tol, normalization, offsets=offsets)
 
 
+@pytest.mark.parametrize("act", ["sigmoid", "relu", "prelu", "dice", "dice_eval"])
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_bf16_keys_as_stored(act, layout):
+    """The forward reads bf16 keys as stored: into the matrix unit's operands, or widened to
+    float tile by tile (CPUs without one, and the narrower builds, see
+    test_narrower_isa_matches_reference), and converts them again in the pooling; the folded
+    (long runs) and unfolded (tiles of short runs) layer 0, candidates, every activation."""
+    lengths = torch.tensor([0, 1, 3, 70, 2, 45, 5, 1, 64, 9, 33, 2, 2, 1])
+    q, k, _, W, b, kw, params = make_case(B=14, T=70, D=9, hidden=(20, 6), C=2, dtype=torch.bfloat16, act=act,
+                                          lengths=lengths)
+    rows = dict(lengths=lengths)
+    if layout == "jagged":
+        k, offsets = to_jagged(k, lengths)
+        rows = dict(offsets=offsets)
+    up = lambda ts: [t.double() for t in ts]  # noqa: E731
+    for normalization in ["none", "softmax"]:
+        got = run(din_ops.attention_pooling, q, k, W, b, kw, params, normalization=normalization, act=act, **rows)
+        want = run(R.attention_pooling, q.double(), k.double(), up(W), up(b), kw, up(params),
+                   normalization=normalization, act=act, **rows)
+        assert got[0].dtype == torch.bfloat16
+        for a, w in zip(got, want):
+            scale = max(1.0, float(w.abs().max())) if w.numel() else 1.0
+            torch.testing.assert_close(a.double(), w.double(), rtol=8e-2, atol=8e-2 * scale)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_softmax_backward_renormalizes_rounded_weights(dtype):
     """Softmax does not change when every score moves by the same amount, so the last layer's
@@ -729,6 +754,9 @@ def test_narrower_isa_matches_reference(isa):
                     t.assert_close_all(got, want, rtol=1e-5, atol=1e-5)
         # bf16 with float products (the matrix-unit path is off below the wide units)
         t.test_half_precision_matrix_unit(torch.bfloat16, 8e-2, (33, 17))
+        for act in ["sigmoid", "dice"]:
+            for layout in ["padded", "jagged"]:
+                t.test_bf16_keys_as_stored(act, layout)
     """) % os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, DIN_OPS_CPU_ISA=isa)
     subprocess.run([sys.executable, "-c", script], check=True, env=env)

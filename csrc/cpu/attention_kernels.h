@@ -378,6 +378,33 @@ inline uint16_t bf16_bits(float f) {
   return static_cast<uint16_t>(r >> 16);
 }
 
+// bf16 values widened (exact) and rounded back (nearest even): the forward's tile keys
+// (widen_tile_keys), the backward's per-range float copies of the keys and their gradient.
+template <typename T>
+void widen_bf16(const uint16_t* __restrict x, int64_t n, T* __restrict out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = T(bf16_value(x[i]));
+}
+
+template <typename T>
+void narrow_bf16(const T* __restrict x, int64_t n, uint16_t* __restrict out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = bf16_bits(static_cast<float>(x[i]));
+}
+
+// The forward's float products of bf16 keys (in.k null): the tile's keys widened into ws.Kt,
+// which stays in cache while the tile is computed (a float copy of the whole tensor would be
+// written to memory and read back).
+template <typename T>
+void widen_tile_keys(const Rows& r, const Inputs<T>& in, Workspace<T>& ws) {
+  if (in.k != nullptr) return;
+  for (const Segment& s : ws.segs) widen_bf16(in.kb + (r.start[s.b] + s.t0) * r.D, s.n * r.D, ws.Kt.data() + s.off * r.D);
+}
+
+// The float keys of run s of the tile: in place, or in ws.Kt (widen_tile_keys).
+template <typename T>
+const T* tile_keys(const Rows& r, const Inputs<T>& in, const Workspace<T>& ws, const Segment& s) {
+  return in.k != nullptr ? in.k + (r.start[s.b] + s.t0) * r.D : ws.Kt.data() + s.off * r.D;
+}
+
 // Whether the matrix unit's operands are rounded in vector code (lowp512).
 inline bool vector_roundings() {
 #ifdef AP_V512
@@ -587,7 +614,7 @@ void layer0_folded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspac
     const T* q = in.q + (s.b * r.C + s.c) * D;
     fold_layer0_t(m, q, ws.Abc.data());
     fold_bias0(m, q, ws.cbc.data());
-    const T* k = in.k + (r.start[s.b] + s.t0) * D;
+    const T* k = tile_keys(r, in, ws, s);
     mm_bias<T>(s.n, H0, D, k, D, ws.Abc.data(), H0, ws.cbc.data(), Z0 + s.off * H0, H0);
   }
 }
@@ -656,7 +683,7 @@ void layer0_unfolded(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Worksp
     if (fill_z && !terms_after)
       for (int64_t i = 0; i < s.n; ++i) std::memcpy(Z0 + (s.off + i) * H0, Cs + j * H0, H0 * sizeof(T));
     if (direct) continue;
-    const T* k = in.k + (r.start[s.b] + s.t0) * D;
+    const T* k = tile_keys(r, in, ws, s);
     const T* __restrict q = Qs + j * D;
     for (int64_t i = 0; i < s.n; ++i) {
       const T* __restrict kt = k + i * D;
@@ -709,7 +736,7 @@ inline bool tile_forward_sigmoid(const Mlp<float>& m, const Rows& r, const Input
       const float* q = in.q + (s.b * r.C + s.c) * D;
       fold_layer0_t(m, q, ws.Abc.data());
       fold_bias0(m, q, ws.cbc.data());
-      const float* k = in.k + (r.start[s.b] + s.t0) * D;
+      const float* k = tile_keys(r, in, ws, s);
       gemm512::Act as{act.s + s.off * H0, H0, false};
       gemm512::gemm<true>(s.n, H0, D, k, D, 1, ws.Abc.data(), H0, nullptr, H0, gemm512::Init::kBias, ws.cbc.data(),
                           &as);
@@ -851,6 +878,7 @@ bool tile_forward_lowp_sigmoid(const Mlp<float>& m, const Rows& r, const Inputs<
 // sigmoid path leaves the hidden layers' Z unset).
 template <typename T>
 void tile_forward(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace<T>& ws) {
+  if (m.lowp == at::ScalarType::Undefined) widen_tile_keys(r, in, ws);
 #ifdef AP_V512
   if constexpr (std::is_same_v<T, float>) {
     if (m.act == Act::Sigmoid && !m.nonfinite && m.L > 1) {
@@ -1195,18 +1223,6 @@ void pool_backward(const Rows& r, const Inputs<T>& in, bool softmax, T sc, const
     const int64_t written = r.C > 0 ? n : 0;
     std::fill(dk + written * D, dk + (r.jagged ? n : r.T) * D, T(0));
   }
-}
-
-// bf16 values widened (exact) and rounded back (nearest even), for the backward's per-range
-// float copies of the keys and their gradient.
-template <typename T>
-void widen_bf16(const uint16_t* __restrict x, int64_t n, T* __restrict out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = T(bf16_value(x[i]));
-}
-
-template <typename T>
-void narrow_bf16(const T* __restrict x, int64_t n, uint16_t* __restrict out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = bf16_bits(static_cast<float>(x[i]));
 }
 
 // Per-channel mean and M2 of a tile's last-layer pre-activations z [M, H], summed in double:

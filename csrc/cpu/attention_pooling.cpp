@@ -490,6 +490,7 @@ struct Workspace {
   std::vector<Scratch<T>> Z, A;
   Scratch<T> Abc, cbc, dA0, dc0, dZ, dZprev;  // Abc: [H0, D] (backward) or [D, H0] (forward)
   Scratch<T> X, Qs, Cs, dX, dW01, dQs;
+  Scratch<T> Kt;  // [rows, D]: the tile's keys widened from bf16 (the forward's float products)
   std::vector<uint16_t> Xl, Al;  // bf16/fp16 operands of the matrix unit: [kTile, Kp]
   std::vector<uint16_t> dZl;     // the backward's dZ as such an operand
   std::vector<uint16_t> dZt, Aw, Bp;  // weight gradients on the matrix unit: dZ^T, A, A packed
@@ -532,6 +533,7 @@ struct Workspace {
       g.resize(grad_layout(m).size);
     } else {
       keep_x = false;
+      Kt.resize(rows * D);
     }
     if (m.lowp != at::ScalarType::Undefined) {
       int64_t kp = 0;
@@ -565,8 +567,8 @@ template <typename T>
 struct Inputs {
   const T* q = nullptr;  // [B, C, D]
   const T* k = nullptr;  // [P, D]
-  // bf16 keys as they came, instead of k, for the forward on the matrix unit: they are read
-  // once into its operands and once by the pooling, with no float copy of the keys
+  // bf16 keys as they came, instead of k, for the forward: they are read once into the matrix
+  // unit's operands or the tile's float keys (tile_keys), and once by the pooling
   const uint16_t* kb = nullptr;
 };
 
@@ -840,7 +842,9 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_kernel(
   const Rows r = describe_rows(query, keys, lengths, offsets);
   const bool softmax = parse_softmax(std::string(normalization));
   const auto acc_s = acc_scalar_type(query.scalar_type());
-  const bool raw_keys = query.scalar_type() == at::kBFloat16 && use_lowp(at::kBFloat16);
+  // bf16 keys are read as they are: into the matrix unit's operands, or widened tile by tile
+  // for float products (tile_keys), and by the pooling; no float copy of the keys
+  const bool raw_keys = keys.scalar_type() == at::kBFloat16 && acc_s == at::kFloat;
   const AccInputs ai = raw_keys ? AccInputs{acc(query, acc_s), keys.contiguous()} : acc_inputs(query, keys);
   // every pair's sum is written by its pooling (forward_impl), so nothing is zeroed here
   at::Tensor out = new_empty({r.B, r.C, r.D}, acc_s);
