@@ -167,6 +167,7 @@ PYBIND11_MODULE(_C, m) {
     TORCH_CHECK(dtype == "bfloat16" || dtype == "float16", "_lowp_unit: 'bfloat16' or 'float16'");
     return std::string(din_ops::cpu::lowp_unit_name(dtype == "bfloat16" ? at::kBFloat16 : at::kHalf));
   });
+  m.def("_vnni_pack", &din_ops::cpu::vnni_pack_for_test, "b [K, n] in brgemm's VNNI layout (tests)");
   m.attr("with_cuda") =
 #ifdef DIN_OPS_WITH_CUDA
       true;

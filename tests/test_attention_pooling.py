@@ -234,6 +234,36 @@ def test_half_precision_matrix_unit(dtype, tol, hidden):
         check_half_precision(q, k, lengths, W, b, kw, params, dtype, tol, normalization)
 
 
+@pytest.mark.parametrize("K,n", [(2, 1), (10, 16), (72, 64), (80, 40), (34, 17)])
+def test_vnni_pack(K, n):
+    """brgemm's bf16 operand B [K, n] in VNNI layout [K / 2, 64, 2]: element (k, j) at
+    [k // 2, j, k % 2], columns past n zero. Written by din_ops where torch packs nothing (AVX512-BF16
+    without AMX); where torch packs (AMX) the two agree bit for bit."""
+    from din_ops import _C
+    b = torch.randn(K, n, dtype=torch.float64).to(torch.bfloat16)
+    want = torch.zeros(K // 2, 64, 2, dtype=torch.bfloat16)
+    want[:, :n, 0] = b[0::2]
+    want[:, :n, 1] = b[1::2]
+    assert torch.equal(_C._vnni_pack(b, True).view(torch.int16), want.view(torch.int16))
+    if _C._lowp_unit("bfloat16") == "amx":
+        assert torch.equal(_C._vnni_pack(b, False).view(torch.int16), want.view(torch.int16))
+
+
+def test_half_precision_with_mkldnn_disabled():
+    """torch.backends.mkldnn disabled turns oneDNN's brgemm off: bf16/fp16 products then run in
+    float (the choice is made per call, so toggling it between calls works too)."""
+    from din_ops import _C
+    lengths = torch.tensor([0, 1, 3, 70, 2, 45])
+    q, k, _, W, b, kw, params = make_case(B=6, T=70, D=9, hidden=(33, 17), dtype=torch.bfloat16, lengths=lengths)
+    torch.backends.mkldnn.enabled = False
+    try:
+        assert _C._lowp_unit("bfloat16") == "float"
+        check_half_precision(q, k, lengths, W, b, kw, params, torch.bfloat16, 8e-2, "none")
+    finally:
+        torch.backends.mkldnn.enabled = True
+    check_half_precision(q, k, lengths, W, b, kw, params, torch.bfloat16, 8e-2, "none")
+
+
 def test_half_precision_matrix_unit_without_avx512_bf16():
     """The matrix-unit forward rounds with AVX512-BF16's instructions; with those capped
     (DIN_OPS_CPU_ISA=avx512) it takes the general path, which must match the reference too."""

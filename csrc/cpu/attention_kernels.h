@@ -571,7 +571,7 @@ void lowp_wgrad_as(at::ScalarType dt, const float* dz, int64_t M, int64_t H, con
   for (int64_t j = 0; j * kBlockN < N; ++j) {
     const int64_t n = std::min(kBlockN, N - j * kBlockN);
     uint16_t* pj = packed + j * Mr * kBlockN;
-    at::native::cpublas::pack(Mr, n, N, kBlockN, dt, dt, a + j * kBlockN, pj);
+    vnni_pack(Mr, n, N, kBlockN, dt, a + j * kBlockN, pj);
     at::native::cpublas::brgemm(H, n, Mr, Mr, kBlockN, N, true, reinterpret_cast<const L*>(dzt),
                                 reinterpret_cast<const L*>(pj), C + j * kBlockN);
   }

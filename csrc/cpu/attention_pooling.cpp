@@ -15,9 +15,9 @@
 // on the calling thread. Each range owns its partial sums, reduced in range order, and the
 // split depends on the data only, so results are bitwise reproducible whatever the thread count.
 //
-// bf16/fp16 inputs run their products in the input dtype with float accumulation on the CPU's
-// matrix unit (AMX) where oneDNN's brgemm packs for it (use_lowp); elsewhere, and under
-// DIN_OPS_CPU_ISA=base, in float. The compute loops live in attention_kernels.h, built for the
+// bf16/fp16 inputs run their products in the input dtype with float accumulation through
+// oneDNN's brgemm on the CPU's matrix unit (AMX), and bf16 on AVX512-BF16 too (use_lowp);
+// elsewhere, and under DIN_OPS_CPU_ISA=base, in float. The compute loops live in attention_kernels.h, built for the
 // baseline, AVX2 and AVX-512 and chosen at run time (cpu_isa in common.h). The AVX-512 and AVX2
 // builds run the float products in register blocks (gemm512.h, gemm256.h), and the AVX-512 one
 // takes each sigmoid MLP's hidden-layer sigmoid on the registers; the baseline calls the BLAS
@@ -180,6 +180,23 @@ struct LowpLayer {
   at::Tensor packed;  // [ceil(N / kBlockN), Kp, kBlockN] of the input dtype
 };
 
+// B [K, n] (row stride ld_in) into brgemm's VNNI layout [K / 2, ld_out, 2] (K even, columns
+// past n zero): oneDNN's packing where torch offers it (AMX); without AMX torch packs nothing,
+// and AVX512-BF16's brgemm reads the same layout, written here (own).
+void vnni_pack(int64_t K, int64_t n, int64_t ld_in, int64_t ld_out, at::ScalarType dt, const uint16_t* in,
+               uint16_t* out, bool own = false) {
+  if (!own && at::native::cpublas::could_pack(dt)) return at::native::cpublas::pack(K, n, ld_in, ld_out, dt, dt, in, out);
+  for (int64_t k = 0; k < K; k += 2) {
+    const uint16_t* __restrict a = in + k * ld_in;
+    uint16_t* __restrict o = out + k * ld_out;
+    for (int64_t j = 0; j < n; ++j) {
+      o[2 * j] = a[j];
+      o[2 * j + 1] = a[ld_in + j];
+    }
+    std::fill(o + 2 * n, o + 2 * ld_out, uint16_t(0));
+  }
+}
+
 LowpLayer pack_lowp(const at::Tensor& Wt, at::ScalarType dt) {
   // Wt: [K, N] float, contiguous
   LowpLayer p;
@@ -190,11 +207,10 @@ LowpLayer pack_lowp(const at::Tensor& Wt, at::ScalarType dt) {
   const at::Tensor w = at::zeros({p.Kp, p.N}, Wt.options().dtype(dt));
   w.narrow(0, 0, p.K).copy_(Wt);
   p.packed = at::zeros({nb, p.Kp, kBlockN}, w.options());
-  const int64_t es = w.element_size();
   for (int64_t j = 0; j < nb; ++j) {
     const int64_t n = std::min(kBlockN, p.N - j * kBlockN);
-    at::native::cpublas::pack(p.Kp, n, p.N, kBlockN, dt, dt, static_cast<const char*>(w.data_ptr()) + j * kBlockN * es,
-                              static_cast<char*>(p.packed.data_ptr()) + j * p.Kp * kBlockN * es);
+    vnni_pack(p.Kp, n, p.N, kBlockN, dt, static_cast<const uint16_t*>(w.data_ptr()) + j * kBlockN,
+              static_cast<uint16_t*>(p.packed.data_ptr()) + j * p.Kp * kBlockN);
   }
   return p;
 }
@@ -210,19 +226,35 @@ void lowp_gemm(const LowpLayer& p, int64_t M, const L* A, int64_t lda, float* C,
   }
 }
 
-// Whether bf16/fp16 inputs take their products in their own dtype on AMX: the dtype's brgemm
-// packs on this CPU and the wide units are not capped (DIN_OPS_CPU_ISA=base forces float
-// products everywhere). Without AMX the products stay in float: AVX512-BF16's dot product
-// (vdpbf16ps) in register blocks measured 0.55-0.66x the speed of the float path on an
-// AVX512-BF16 Xeon without AMX (the unfolded layer 0 it needs doubles the work of long runs,
-// and the roundings and packing of every tile cost more than its products save), and fp16 has
-// no float-accumulating dot product before AMX-FP16.
+// Whether oneDNN's brgemm runs bf16 VNNI products here (its micro-kernels for AVX512-BF16 when
+// the CPU has no AMX): a one-block product, once; false where brgemm refuses (oneDNN capped
+// below AVX-512 by ONEDNN_MAX_CPU_ISA).
+bool brgemm_bf16_runs() {
+  try {
+    const std::vector<uint16_t> a(kRowsM * 2, 0x3f80), b(2 * 16, 0x3f80);  // bf16 ones
+    std::vector<float> c(kRowsM * 16, 0.0f);
+    at::native::cpublas::brgemm(kRowsM, 16, 2, 2, 16, 16, false, reinterpret_cast<const at::BFloat16*>(a.data()),
+                                reinterpret_cast<const at::BFloat16*>(b.data()), c.data());
+    at::native::cpublas::brgemm_release();
+    return c[0] == 2.0f && c.back() == 2.0f;
+  } catch (const c10::Error&) {
+    return false;
+  }
+}
+
+// Whether bf16/fp16 inputs take their products in their own dtype with float accumulation
+// through oneDNN's brgemm: on AMX (where torch packs for it), and bf16 on AVX512-BF16 without
+// AMX (vdpbf16ps; weights packed by vnni_pack), where oneDNN's bf16 kernels measured 2.6-3x its
+// float ones on an AVX512-BF16 EPYC and the bf16 headline inference 1.1-1.4x din_ops' float
+// products. Not under DIN_OPS_CPU_ISA=base (float products everywhere) or =avx512 (AVX512-BF16
+// off), nor with torch.backends.mkldnn disabled. fp16 has no float-accumulating dot product
+// before AMX-FP16.
 bool use_lowp(at::ScalarType dt) {
   if (dt != at::kBFloat16 && dt != at::kHalf) return false;
-  if (cpu_isa() == Isa::kBase) return false;
-  static const bool bf16 = at::native::cpublas::could_pack(at::kBFloat16);
-  static const bool fp16 = at::native::cpublas::could_pack(at::kHalf);
-  return dt == at::kBFloat16 ? bf16 : fp16;
+  if (cpu_isa() == Isa::kBase || !at::globalContext().userEnabledMkldnn()) return false;
+  if (dt == at::kHalf) return at::native::cpublas::could_pack(at::kHalf);
+  static const bool bf16 = at::native::cpublas::could_pack(at::kBFloat16) || (cpu_avx512_bf16() && brgemm_bf16_runs());
+  return bf16;
 }
 
 template <typename T>
@@ -954,7 +986,19 @@ GradTuple finish_grads(const Mlp<T>& m, const GradLayout& lay, const GradParts& 
 
 }  // namespace
 
-const char* lowp_unit_name(at::ScalarType dt) { return use_lowp(dt) ? "amx" : "float"; }
+at::Tensor vnni_pack_for_test(const at::Tensor& b, bool own) {
+  TORCH_CHECK(b.dim() == 2 && b.size(0) % 2 == 0 && b.size(1) <= kBlockN && b.element_size() == 2 && b.is_contiguous(),
+              "_vnni_pack: a contiguous [K, n] bf16/fp16 tensor, K even, n <= ", kBlockN);
+  TORCH_CHECK(own || at::native::cpublas::could_pack(b.scalar_type()), "_vnni_pack: torch does not pack here");
+  at::Tensor out = at::zeros({b.size(0) / 2, kBlockN, 2}, b.options());
+  vnni_pack(b.size(0), b.size(1), b.size(1), kBlockN, b.scalar_type(), static_cast<const uint16_t*>(b.data_ptr()),
+            static_cast<uint16_t*>(out.data_ptr()), own);
+  return out;
+}
+
+const char* lowp_unit_name(at::ScalarType dt) {
+  return !use_lowp(dt) ? "float" : at::native::cpublas::could_pack(dt) ? "amx" : "avx512_bf16";
+}
 
 GradTuple attention_pooling_backward_kernel(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_attn, const at::Tensor& attn,

@@ -46,9 +46,12 @@ GradTuple attention_pooling_stats_backward_kernel(
     at::TensorList norm_var, at::TensorList norm_weight, at::TensorList norm_bias, c10::string_view activation,
     double eps);
 
-// The unit that runs attention_pooling's products for inputs of dtype dt on this CPU: "amx" or
-// "float" (products in float).
+// The unit that runs attention_pooling's products for inputs of dtype dt on this CPU: "amx",
+// "avx512_bf16" (bf16 through oneDNN's brgemm without AMX) or "float" (products in float).
 const char* lowp_unit_name(at::ScalarType dt);
+// b [K, n] (K even, n <= 64) in brgemm's VNNI layout [K / 2, 64, 2]: ours (own), or torch's
+// where it packs (AMX); the tests compare the two
+at::Tensor vnni_pack_for_test(const at::Tensor& b, bool own);
 
 }  // namespace cpu
 }  // namespace din_ops

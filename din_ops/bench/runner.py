@@ -1018,10 +1018,11 @@ def main(argv=None) -> int:
 
 
 def _lowp_unit() -> str:
-    """Which unit runs din_ops' bf16 attention products here: AMX, or float products."""
+    """Which unit runs din_ops' bf16 attention products here: AMX, AVX512-BF16, or float products."""
     try:
         from .. import _C
         unit = _C._lowp_unit("bfloat16")
     except (ImportError, AttributeError):
         return "unknown (no C++ extension)"
-    return "AMX (oneDNN brgemm)" if unit == "amx" else "float (this CPU has no AMX; bf16 is converted to float)"
+    return {"amx": "AMX (oneDNN brgemm)", "avx512_bf16": "AVX512-BF16 (oneDNN brgemm; this CPU has no AMX)"}.get(
+        unit, "float (this CPU has neither AMX nor AVX512-BF16; bf16 is converted to float)")
