@@ -244,16 +244,17 @@ bool brgemm_bf16_runs() {
 
 // Whether bf16/fp16 inputs take their products in their own dtype with float accumulation
 // through oneDNN's brgemm: on AMX (where torch packs for it), and bf16 on AVX512-BF16 without
-// AMX (vdpbf16ps; weights packed by vnni_pack), where oneDNN's bf16 kernels measured 2.6-3x its
-// float ones on an AVX512-BF16 EPYC and the bf16 headline inference 1.1-1.4x din_ops' float
-// products. Not under DIN_OPS_CPU_ISA=base (float products everywhere) or =avx512 (AVX512-BF16
-// off), nor with torch.backends.mkldnn disabled. fp16 has no float-accumulating dot product
-// before AMX-FP16.
+// AMX where its dot product is fast (cpu_fast_bf16_dot; weights packed by vnni_pack): on an
+// AVX512-BF16 EPYC oneDNN's bf16 products measured 2.6-3x its float ones and the bf16 headline
+// inference 1.2x din_ops' float products, where on an AVX512-BF16 Xeon without AMX, products on
+// vdpbf16ps measured 0.55-0.66x the float path. Not under DIN_OPS_CPU_ISA=base (float products
+// everywhere) or =avx512 (AVX512-BF16 off), nor with torch.backends.mkldnn disabled. fp16 has
+// no float-accumulating dot product before AMX-FP16.
 bool use_lowp(at::ScalarType dt) {
   if (dt != at::kBFloat16 && dt != at::kHalf) return false;
   if (cpu_isa() == Isa::kBase || !at::globalContext().userEnabledMkldnn()) return false;
   if (dt == at::kHalf) return at::native::cpublas::could_pack(at::kHalf);
-  static const bool bf16 = at::native::cpublas::could_pack(at::kBFloat16) || (cpu_avx512_bf16() && brgemm_bf16_runs());
+  static const bool bf16 = at::native::cpublas::could_pack(at::kBFloat16) || (cpu_fast_bf16_dot() && brgemm_bf16_runs());
   return bf16;
 }
 

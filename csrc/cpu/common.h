@@ -117,6 +117,11 @@ Isa cpu_isa();
 // so that it stays tested on such a CPU).
 bool cpu_avx512_bf16();
 
+// Whether AVX512-BF16's dot product (vdpbf16ps) does twice the multiply-adds per cycle of a float
+// FMA: on AMD's cores that have it (Zen 4 on), not on Intel's, where it does as many (so without
+// AMX bf16 products there save nothing, and layer 0's unfolded form doubles their work).
+bool cpu_fast_bf16_dot();
+
 // Splits items [0, n) with the given per-item work into at most max_parts contiguous ranges
 // of about equal work. The split depends on the data only, never on the thread count, so
 // per-range partial sums reduced in range order are bitwise reproducible.

@@ -42,5 +42,17 @@ bool cpu_avx512_bf16() {
   return ok;
 }
 
+bool cpu_fast_bf16_dot() {
+  static const bool ok = [] {
+    if (!cpu_avx512_bf16()) return false;
+#ifdef DIN_OPS_MULTI_ISA
+    return __builtin_cpu_is("amd") != 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
 }  // namespace cpu
 }  // namespace din_ops
