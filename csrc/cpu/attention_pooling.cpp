@@ -16,9 +16,10 @@
 // split depends on the data only, so results are bitwise reproducible whatever the thread count.
 //
 // bf16/fp16 inputs run their products in the input dtype with float accumulation through
-// oneDNN's brgemm on the CPU's matrix unit (AMX), and bf16 on AVX512-BF16 too (use_lowp);
-// elsewhere, and under DIN_OPS_CPU_ISA=base, in float. The compute loops live in attention_kernels.h, built for the
-// baseline, AVX2 and AVX-512 and chosen at run time (cpu_isa in common.h). The AVX-512 and AVX2
+// oneDNN's brgemm on the CPU's matrix unit (AMX), and bf16 on AMD's AVX512-BF16 too
+// (use_lowp); elsewhere, and under DIN_OPS_CPU_ISA=base, in float. The compute loops live in
+// attention_kernels.h, built for the baseline, AVX2 and AVX-512 and chosen at run time (cpu_isa
+// in common.h). The AVX-512 and AVX2
 // builds run the float products in register blocks (gemm512.h, gemm256.h), and the AVX-512 one
 // takes each sigmoid MLP's hidden-layer sigmoid on the registers; the baseline calls the BLAS
 // libtorch links.
