@@ -1024,5 +1024,6 @@ def _lowp_unit() -> str:
         unit = _C._lowp_unit("bfloat16")
     except (ImportError, AttributeError):
         return "unknown (no C++ extension)"
-    return {"amx": "AMX (oneDNN brgemm)", "avx512_bf16": "AVX512-BF16 (oneDNN brgemm; this CPU has no AMX)"}.get(
-        unit, "float (this CPU has neither AMX nor AVX512-BF16; bf16 is converted to float)")
+    names = {"amx": "AMX (oneDNN brgemm)", "avx512_bf16": "AVX512-BF16 (oneDNN brgemm; this CPU has no AMX)"}
+    return names.get(unit, "float (no AMX here, nor an AMD CPU's AVX512-BF16, or they are turned off; "
+                           "bf16 is converted to float)")
