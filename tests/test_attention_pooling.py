@@ -179,22 +179,24 @@ def test_half_precision_row_ranges(dtype, tol, layout):
 @pytest.mark.parametrize("act", ["sigmoid", "relu", "prelu", "dice", "dice_eval"])
 @pytest.mark.parametrize("layout", ["padded", "jagged"])
 @pytest.mark.parametrize("runs", ["short", "long"])
-def test_bf16_keys_as_stored(act, layout, runs):
-    """The forward reads bf16 keys as stored: into the matrix unit's operands, or widened to
-    float tile by tile (CPUs without one, and the narrower builds, see
-    test_narrower_isa_matches_reference), and converts them again in the pooling; tiles of short
-    runs with candidates (layer 0 unfolded) and of long runs (folded on the float path), every
-    activation."""
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 8e-2), (torch.float16, 2e-2)])
+def test_half_keys_as_stored(act, layout, runs, dtype, tol):
+    """The forward reads bf16 keys as stored, and fp16 keys where their products run in float:
+    into the matrix unit's operands, or widened to float tile by tile (CPUs without one, and the
+    narrower builds, see test_narrower_isa_matches_reference), and converts them again in the
+    pooling; tiles of short runs with candidates (layer 0 unfolded) and of long runs (folded on
+    the float path), every activation."""
     from din_ops import _C
-    if runs == "long" and act in ("relu", "prelu") and _C._lowp_unit("bfloat16") != "float":
-        pytest.skip("products in bf16 move a few of these pre-activations across ReLU's kink, which flips "
-                    "their derivative; test_narrower_isa_matches_reference runs the case with float products")
+    unit = _C._lowp_unit("bfloat16" if dtype == torch.bfloat16 else "float16")
+    if runs == "long" and act in ("relu", "prelu") and unit != "float":
+        pytest.skip("products in half precision move a few of these pre-activations across ReLU's kink, which "
+                    "flips their derivative; test_narrower_isa_matches_reference runs the case with float products")
     if runs == "short":
         lengths, C = torch.tensor([0, 1, 3, 70, 2, 45, 5, 1, 64, 9, 33, 2, 2, 1]), 2
     else:
         lengths, C = torch.tensor([70, 69, 70, 66, 70, 1]), None
-    q, k, _, W, b, kw, params = make_case(B=len(lengths), T=70, D=9, hidden=(20, 6), C=C, dtype=torch.bfloat16,
-                                          act=act, lengths=lengths)
+    q, k, _, W, b, kw, params = make_case(B=len(lengths), T=70, D=9, hidden=(20, 6), C=C, dtype=dtype, act=act,
+                                          lengths=lengths)
     rows = dict(lengths=lengths)
     if layout == "jagged":
         k, offsets = to_jagged(k, lengths)
@@ -204,10 +206,10 @@ def test_bf16_keys_as_stored(act, layout, runs):
         got = run(din_ops.attention_pooling, q, k, W, b, kw, params, normalization=normalization, act=act, **rows)
         want = run(R.attention_pooling, q.double(), k.double(), up(W), up(b), kw, up(params),
                    normalization=normalization, act=act, **rows)
-        assert got[0].dtype == torch.bfloat16
+        assert got[0].dtype == dtype
         for a, w in zip(got, want):
             scale = max(1.0, float(w.abs().max())) if w.numel() else 1.0
-            torch.testing.assert_close(a.double(), w.double(), rtol=8e-2, atol=8e-2 * scale)
+            torch.testing.assert_close(a.double(), w.double(), rtol=tol, atol=tol * scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -797,7 +799,9 @@ def test_narrower_isa_matches_reference(isa):
             for layout in ["padded", "jagged"]:
                 for runs in ["short", "long"]:
                     if act != "relu" or din_ops._C._lowp_unit("bfloat16") == "float":
-                        t.test_bf16_keys_as_stored(act, layout, runs)
+                        t.test_half_keys_as_stored(act, layout, runs, torch.bfloat16, 8e-2)
+                    if act != "relu" or din_ops._C._lowp_unit("float16") == "float":
+                        t.test_half_keys_as_stored(act, layout, runs, torch.float16, 2e-2)
     """) % os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, DIN_OPS_CPU_ISA=isa)
     subprocess.run([sys.executable, "-c", script], check=True, env=env)

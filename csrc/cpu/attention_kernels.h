@@ -390,13 +390,31 @@ void narrow_bf16(const T* __restrict x, int64_t n, uint16_t* __restrict out) {
   for (int64_t i = 0; i < n; ++i) out[i] = bf16_bits(static_cast<float>(x[i]));
 }
 
-// The forward's float products of bf16 keys (in.k null): the tile's keys widened into ws.Kt,
-// which stays in cache while the tile is computed (a float copy of the whole tensor would be
-// written to memory and read back).
+inline float fp16_value(uint16_t b) { return static_cast<float>(c10::Half(b, c10::Half::from_bits())); }
+
+// A key value as the forward reads it (Inputs::kb): bf16, or fp16 when Half
+template <bool Half>
+inline float key16(uint16_t b) {
+  return Half ? fp16_value(b) : bf16_value(b);
+}
+
+template <typename T>
+void widen_keys16(const Inputs<T>& in, int64_t p0, int64_t n, T* __restrict out) {
+  const uint16_t* __restrict x = in.kb + p0;
+  if (in.kb_half) {
+    for (int64_t i = 0; i < n; ++i) out[i] = T(key16<true>(x[i]));
+  } else {
+    widen_bf16(x, n, out);
+  }
+}
+
+// The forward's float products of bf16/fp16 keys (in.k null): the tile's keys widened into
+// ws.Kt, which stays in cache while the tile is computed (a float copy of the whole tensor
+// would be written to memory and read back).
 template <typename T>
 void widen_tile_keys(const Rows& r, const Inputs<T>& in, Workspace<T>& ws) {
   if (in.k != nullptr) return;
-  for (const Segment& s : ws.segs) widen_bf16(in.kb + (r.start[s.b] + s.t0) * r.D, s.n * r.D, ws.Kt.data() + s.off * r.D);
+  for (const Segment& s : ws.segs) widen_keys16(in, (r.start[s.b] + s.t0) * r.D, s.n * r.D, ws.Kt.data() + s.off * r.D);
 }
 
 // The float keys of run s of the tile: in place, or in ws.Kt (widen_tile_keys).
@@ -912,7 +930,7 @@ void tile_forward(const Mlp<T>& m, const Rows& r, const Inputs<T>& in, Workspace
       const T* k;
       if (in.kb != nullptr) {
         kf.resize(s.n * D);
-        for (int64_t i = 0; i < s.n * D; ++i) kf[i] = T(bf16_value(in.kb[p0 + i]));
+        widen_keys16(in, p0, s.n * D, kf.data());
         k = kf.data();
       } else {
         k = in.k + p0;
@@ -1139,11 +1157,14 @@ void pool_forward(const Rows& r, const Inputs<T>& in, bool softmax, int64_t pb, 
     std::fill(o, o + D, T(0));
     if (in.kb != nullptr) {
       const uint16_t* kb = in.kb + r.start[b] * D;
-      for (int64_t t = 0; t < n; ++t) {
-        const T wt = a[t * r.sT];
-        const uint16_t* __restrict kt = kb + t * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += wt * T(bf16_value(kt[d]));
-      }
+      auto pool = [&](auto half) {
+        for (int64_t t = 0; t < n; ++t) {
+          const T wt = a[t * r.sT];
+          const uint16_t* __restrict kt = kb + t * D;
+          for (int64_t d = 0; d < D; ++d) o[d] += wt * T(key16<decltype(half)::value>(kt[d]));
+        }
+      };
+      in.kb_half ? pool(std::true_type()) : pool(std::false_type());
       continue;
     }
     const T* k = in.k + r.start[b] * D;
@@ -1165,11 +1186,14 @@ void pool_segment(const Rows& r, const Inputs<T>& in, const Segment& g, const T*
   if (g.t0 == 0) std::fill(o, o + D, T(0));  // the pair's first run: out is not zeroed before
   const int64_t p0 = (r.start[g.b] + g.t0) * D;
   if (in.kb != nullptr) {
-    for (int64_t i = 0; i < g.n; ++i) {
-      const T wt = w[i];
-      const uint16_t* __restrict kt = in.kb + p0 + i * D;
-      for (int64_t d = 0; d < D; ++d) o[d] += wt * T(bf16_value(kt[d]));
-    }
+    auto pool = [&](auto half) {
+      for (int64_t i = 0; i < g.n; ++i) {
+        const T wt = w[i];
+        const uint16_t* __restrict kt = in.kb + p0 + i * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += wt * T(key16<decltype(half)::value>(kt[d]));
+      }
+    };
+    in.kb_half ? pool(std::true_type()) : pool(std::false_type());
     return;
   }
   for (int64_t i = 0; i < g.n; ++i) {

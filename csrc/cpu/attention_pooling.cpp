@@ -601,9 +601,11 @@ template <typename T>
 struct Inputs {
   const T* q = nullptr;  // [B, C, D]
   const T* k = nullptr;  // [P, D]
-  // bf16 keys as they came, instead of k, for the forward: they are read once into the matrix
-  // unit's operands or the tile's float keys (tile_keys), and once by the pooling
+  // bf16 keys as they came (fp16 when kb_half), instead of k, for the forward: they are read
+  // once into the matrix unit's operands or the tile's float keys (tile_keys), and once by the
+  // pooling
   const uint16_t* kb = nullptr;
+  bool kb_half = false;
 };
 
 #define AP_ISA isa_base
@@ -877,8 +879,10 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_kernel(
   const bool softmax = parse_softmax(std::string(normalization));
   const auto acc_s = acc_scalar_type(query.scalar_type());
   // bf16 keys are read as they are: into the matrix unit's operands, or widened tile by tile
-  // for float products (tile_keys), and by the pooling; no float copy of the keys
-  const bool raw_keys = keys.scalar_type() == at::kBFloat16 && acc_s == at::kFloat;
+  // for float products (tile_keys), and by the pooling; no float copy of the keys. fp16 keys
+  // alike where their products run in float (the matrix unit's fp16 operands read float keys).
+  const bool raw_keys = acc_s == at::kFloat && (keys.scalar_type() == at::kBFloat16 ||
+                                                (keys.scalar_type() == at::kHalf && !use_lowp(at::kHalf)));
   const AccInputs ai = raw_keys ? AccInputs{acc(query, acc_s), keys.contiguous()} : acc_inputs(query, keys);
   // every pair's sum is written by its pooling (forward_impl), so nothing is zeroed here
   at::Tensor out = new_empty({r.B, r.C, r.D}, acc_s);
@@ -897,7 +901,8 @@ std::tuple<at::Tensor, at::Tensor> attention_pooling_kernel(
     TORCH_CHECK(m.H[m.L - 1] == 1, "attention_pooling: the last layer must have one output");
     Inputs<scalar_t> in{ai.q.data_ptr<scalar_t>(), nullptr, nullptr};
     if (raw_keys) {
-      in.kb = reinterpret_cast<const uint16_t*>(ai.k.data_ptr<at::BFloat16>());
+      in.kb = static_cast<const uint16_t*>(ai.k.data_ptr());
+      in.kb_half = keys.scalar_type() == at::kHalf;
     } else {
       in.k = ai.k.data_ptr<scalar_t>();
     }
