@@ -390,6 +390,7 @@ void narrow_bf16(const T* __restrict x, int64_t n, uint16_t* __restrict out) {
   for (int64_t i = 0; i < n; ++i) out[i] = bf16_bits(static_cast<float>(x[i]));
 }
 
+// fp16 bits widened (exact), by c10's conversion
 inline float fp16_value(uint16_t b) { return static_cast<float>(c10::Half(b, c10::Half::from_bits())); }
 
 // A key value as the forward reads it (Inputs::kb): bf16, or fp16 when Half
@@ -1132,6 +1133,29 @@ void tile_backward(const Mlp<T>& m, const GradLayout& lay, const Rows& r, const 
   }
 }
 
+// o[D] += sum_i w[i * ws] k[i] over the n keys from element p0 on: float keys, or the
+// forward's bf16/fp16 keys as stored (Inputs::kb). pool_forward and pool_segment both pool
+// through it, so either gives the same sums.
+template <typename T>
+void pool_keys(const Inputs<T>& in, int64_t p0, int64_t n, int64_t D, const T* w, int64_t ws, T* __restrict o) {
+  auto pool = [&](auto key) {
+    for (int64_t i = 0; i < n; ++i) {
+      const T wt = w[i * ws];
+      for (int64_t d = 0; d < D; ++d) o[d] += wt * key(p0 + i * D + d);
+    }
+  };
+  if (in.kb == nullptr) {
+    const T* __restrict k = in.k;
+    pool([k](int64_t j) { return k[j]; });
+  } else if (in.kb_half) {
+    const uint16_t* __restrict kb = in.kb;
+    pool([kb](int64_t j) { return T(key16<true>(kb[j])); });
+  } else {
+    const uint16_t* __restrict kb = in.kb;
+    pool([kb](int64_t j) { return T(key16<false>(kb[j])); });
+  }
+}
+
 // Softmax (when asked) of the scores of (row, candidate) pairs [pb, pe) (pair b * C + c)
 // and the attention-weighted sum of the row's keys into out (written, not added to).
 template <typename T>
@@ -1155,52 +1179,18 @@ void pool_forward(const Rows& r, const Inputs<T>& in, bool softmax, int64_t pb, 
     }
     T* __restrict o = out + p * D;
     std::fill(o, o + D, T(0));
-    if (in.kb != nullptr) {
-      const uint16_t* kb = in.kb + r.start[b] * D;
-      auto pool = [&](auto half) {
-        for (int64_t t = 0; t < n; ++t) {
-          const T wt = a[t * r.sT];
-          const uint16_t* __restrict kt = kb + t * D;
-          for (int64_t d = 0; d < D; ++d) o[d] += wt * T(key16<decltype(half)::value>(kt[d]));
-        }
-      };
-      in.kb_half ? pool(std::true_type()) : pool(std::false_type());
-      continue;
-    }
-    const T* k = in.k + r.start[b] * D;
-    for (int64_t t = 0; t < n; ++t) {
-      const T wt = a[t * r.sT];
-      const T* __restrict kt = k + t * D;
-      for (int64_t d = 0; d < D; ++d) o[d] += wt * kt[d];
-    }
+    pool_keys(in, r.start[b] * D, n, D, a, r.sT, o);
   }
 }
 
 // out[pair] += sum_i w[i] k[t0 + i] for one run of a tile (= for the pair's first run), w its
 // attention weights: the pooling without softmax taken while the tile's keys are in cache, in
-// pool_forward's order and arithmetic (so either gives the same sums).
+// pool_forward's order and arithmetic (pool_keys).
 template <typename T>
 void pool_segment(const Rows& r, const Inputs<T>& in, const Segment& g, const T* w, T* out) {
-  const int64_t D = r.D;
-  T* __restrict o = out + (g.b * r.C + g.c) * D;
-  if (g.t0 == 0) std::fill(o, o + D, T(0));  // the pair's first run: out is not zeroed before
-  const int64_t p0 = (r.start[g.b] + g.t0) * D;
-  if (in.kb != nullptr) {
-    auto pool = [&](auto half) {
-      for (int64_t i = 0; i < g.n; ++i) {
-        const T wt = w[i];
-        const uint16_t* __restrict kt = in.kb + p0 + i * D;
-        for (int64_t d = 0; d < D; ++d) o[d] += wt * T(key16<decltype(half)::value>(kt[d]));
-      }
-    };
-    in.kb_half ? pool(std::true_type()) : pool(std::false_type());
-    return;
-  }
-  for (int64_t i = 0; i < g.n; ++i) {
-    const T wt = w[i];
-    const T* __restrict kt = in.k + p0 + i * D;
-    for (int64_t d = 0; d < D; ++d) o[d] += wt * kt[d];
-  }
+  T* __restrict o = out + (g.b * r.C + g.c) * r.D;
+  if (g.t0 == 0) std::fill(o, o + r.D, T(0));  // the pair's first run: out is not zeroed before
+  pool_keys(in, (r.start[g.b] + g.t0) * r.D, g.n, r.D, w, 1, o);
 }
 
 // Backward of pooling and normalization for rows [rb, re): dL/ds of every valid pair into pds,
